@@ -1,0 +1,63 @@
+/*
+ * Dispatch through the backend's ops with the fault-injection hook in front of every
+ * mutating call. The hook costs one predictable branch when injection is off.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io/io.h"
+
+int ct_file_pread(struct ct_file *f, void *buf, size_t len, uint64_t off)
+{
+    return f->ops->pread(f, buf, len, off);
+}
+
+int ct_file_pwrite(struct ct_file *f, const void *buf, size_t len, uint64_t off)
+{
+    int r = ct_fault_check(CT_FAULT_WRITE);
+    return r < 0 ? r : f->ops->pwrite(f, buf, len, off);
+}
+
+int ct_file_flush(struct ct_file *f)
+{
+    int r = ct_fault_check(CT_FAULT_FLUSH);
+    return r < 0 ? r : f->ops->flush(f);
+}
+
+int ct_file_truncate(struct ct_file *f, uint64_t size)
+{
+    int r = ct_fault_check(CT_FAULT_WRITE);
+    return r < 0 ? r : f->ops->truncate(f, size);
+}
+
+int64_t ct_file_size(struct ct_file *f)
+{
+    return f->ops->size(f);
+}
+
+int64_t ct_file_allocated(struct ct_file *f)
+{
+    return f->ops->allocated(f);
+}
+
+int ct_file_punch(struct ct_file *f, uint64_t off, uint64_t len)
+{
+    int r = ct_fault_check(CT_FAULT_WRITE);
+    return r < 0 ? r : f->ops->punch(f, off, len);
+}
+
+int ct_file_prealloc(struct ct_file *f, uint64_t off, uint64_t len)
+{
+    int r = ct_fault_check(CT_FAULT_WRITE);
+    return r < 0 ? r : f->ops->prealloc(f, off, len);
+}
+
+void ct_file_close(struct ct_file *f)
+{
+    if (f) {
+        f->ops->close(f);
+        free(f->path);
+        free(f);
+    }
+}

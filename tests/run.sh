@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs every test program and script; prints "N passed, N failed[, N skipped]" last and exits
+# non-zero on any failure. Each test is an executable under tests/<suite>/ named test-*.sh,
+# test-*.py, or a unit-test binary built by meson into $BUILD/tests/. A test exits 0 (pass),
+# 77 (skip) or anything else (fail); its output goes to tests/out/<name>.log and is shown on
+# failure.
+#
+# usage: tests/run.sh [-b BUILD_DIR] [-j JOBS] [-k PATTERN] [--long]
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(dirname "$here")
+build="$top/build"
+jobs=$(nproc 2>/dev/null || echo 2)
+pattern=""
+export COWTREE_TEST_LONG=${COWTREE_TEST_LONG:-0}
+while [ $# -gt 0 ]; do
+    case "$1" in
+    -b) build=$(cd "$2" && pwd); shift 2 ;;
+    -j) jobs=$2; shift 2 ;;
+    -k) pattern=$2; shift 2 ;;
+    --long) COWTREE_TEST_LONG=1; shift ;;
+    *) echo "usage: $0 [-b BUILD_DIR] [-j JOBS] [-k PATTERN] [--long]" >&2; exit 2 ;;
+    esac
+done
+export COWTREE_BUILD="$build" COWTREE_TOP="$top"
+out="$top/tests/out/$(basename "$build")"
+rm -rf "$out"
+mkdir -p "$out"
+
+tests=()
+for t in "$build"/tests/unit-*; do
+    [ -x "$t" ] && [ -f "$t" ] && tests+=("$t")
+done
+for t in "$here"/*/test-*.sh "$here"/*/test-*.py; do
+    [ -x "$t" ] && tests+=("$t")
+done
+if [ -n "$pattern" ]; then
+    sel=()
+    for t in "${tests[@]}"; do
+        case "$(basename "$t")" in *$pattern*) sel+=("$t") ;; esac
+    done
+    tests=("${sel[@]}")
+fi
+
+run_one() {
+    local t=$1 name log rc start
+    name=$(basename "$(dirname "$t")")-$(basename "$t")
+    log="$out/$name.log"
+    start=$(date +%s)
+    (cd "$top" && TMPDIR=$(mktemp -d) && export TMPDIR && "$t"; rc=$?; rm -rf "$TMPDIR"; exit $rc) >"$log" 2>&1
+    rc=$?
+    echo "$rc $(($(date +%s) - start)) $name" >"$log.rc"
+}
+export -f run_one
+export out top
+
+printf '%s\n' "${tests[@]}" | xargs -P "$jobs" -I{} bash -c 'run_one "$@"' _ {}
+
+pass=0 fail=0 skip=0
+for t in "${tests[@]}"; do
+    name=$(basename "$(dirname "$t")")-$(basename "$t")
+    read -r rc secs _ <"$out/$name.log.rc"
+    case "$rc" in
+    0) pass=$((pass + 1)); echo "PASS $name (${secs}s)" ;;
+    77) skip=$((skip + 1)); echo "SKIP $name: $(tail -1 "$out/$name.log")" ;;
+    *) fail=$((fail + 1)); echo "FAIL $name (rc=$rc, ${secs}s)"; sed 's/^/    | /' "$out/$name.log" | tail -40 ;;
+    esac
+done
+echo "$pass passed, $fail failed, $skip skipped"
+[ "$fail" -eq 0 ]
