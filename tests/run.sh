@@ -28,7 +28,7 @@ rm -rf "$out"
 mkdir -p "$out"
 
 tests=()
-for t in "$build"/tests/unit-*; do
+for t in "$build"/tests/unit/unit-*; do
     [ -x "$t" ] && [ -f "$t" ] && tests+=("$t")
 done
 for t in "$here"/*/test-*.sh "$here"/*/test-*.py; do

@@ -23,13 +23,23 @@ void ct_err_prefix(struct ct_err *err, const char *fmt, ...)
     if (!err) {
         return;
     }
-    char prefix[512], old[sizeof(err->msg)];
+    char prefix[256], old[sizeof(err->msg)];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(prefix, sizeof(prefix), fmt, ap);
     va_end(ap);
     memcpy(old, err->msg, sizeof(old));
-    snprintf(err->msg, sizeof(err->msg), "%s%s", prefix, old);
+    size_t n = strlen(prefix);
+    if (n >= sizeof(err->msg)) {
+        n = sizeof(err->msg) - 1;
+    }
+    memcpy(err->msg, prefix, n);
+    size_t m = strnlen(old, sizeof(old) - 1);
+    if (m > sizeof(err->msg) - 1 - n) {
+        m = sizeof(err->msg) - 1 - n;
+    }
+    memcpy(err->msg + n, old, m);
+    err->msg[n + m] = '\0';
 }
 
 const char *ct_strerror(int code)

@@ -1,0 +1,474 @@
+/*
+ * Generic image layer; see image.h for the invariants it keeps.
+ */
+#include <errno.h>
+#include <libgen.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "image/image.h"
+#include "util/err.h"
+#include "util/misc.h"
+
+#define DEFAULT_MAX_CHAIN_DEPTH 1024
+
+static const struct ct_driver *find_driver(const char *name)
+{
+    if (strcmp(name, "qcow2") == 0) {
+        return &ct_qcow2_driver;
+    }
+    if (strcmp(name, "raw") == 0) {
+        return &ct_raw_driver;
+    }
+    return NULL;
+}
+
+char *image_resolve_backing(const char *overlay, const char *backing)
+{
+    if (backing[0] == '/') {
+        return strdup(backing);
+    }
+    char *copy = strdup(overlay);
+    if (!copy) {
+        return NULL;
+    }
+    const char *dir = dirname(copy);
+    char *out = NULL;
+    if (strcmp(dir, ".") == 0) {
+        out = strdup(backing);
+    } else if (asprintf(&out, "%s/%s", dir, backing) < 0) {
+        out = NULL;
+    }
+    free(copy);
+    return out;
+}
+
+/* Backing names that would make us open something other than a plain file are refused:
+ * json: pseudo-filenames and protocol URLs (a security policy, docs/security.md). */
+static bool backing_name_is_pseudo(const char *name)
+{
+    return strncmp(name, "json:", 5) == 0 || strstr(name, "://") != NULL;
+}
+
+struct chain_id {
+    dev_t dev;
+    ino_t ino;
+};
+
+static void image_free(struct ct_image *img)
+{
+    ct_file_close(img->file);
+    free(img->filename);
+    free(img->backing_name);
+    free(img->backing_format);
+    free(img->backing_path);
+    free(img);
+}
+
+static int open_one(struct ct_image **out, const char *path, const char *format, unsigned flags,
+                    unsigned depth, unsigned max_depth, struct chain_id *ids,
+                    const struct ct_open_opts *opts, struct ct_err *err);
+
+static int open_backing(struct ct_image *img, unsigned max_depth, struct chain_id *ids,
+                        const struct ct_open_opts *opts, struct ct_err *err)
+{
+    if (!img->backing_name || (img->flags & CT_OPEN_NO_BACKING)) {
+        return 0;
+    }
+    if (backing_name_is_pseudo(img->backing_name)) {
+        return ct_err_set(err, -CT_E_UNSUPPORTED,
+                          "backing file name '%s' is a pseudo-filename or protocol; only plain "
+                          "files are allowed",
+                          img->backing_name);
+    }
+    if (!img->backing_format) {
+        return ct_err_set(err, -CT_E_UNSUPPORTED,
+                          "backing file '%s' has no recorded format; cowtree never probes a "
+                          "backing file's format (set it with: cowtree-img rebase -u -b '%s' -F "
+                          "FMT)",
+                          img->backing_name, img->backing_name);
+    }
+    if (!find_driver(img->backing_format)) {
+        return ct_err_set(err, -CT_E_UNSUPPORTED, "backing file '%s' has unknown format '%s'",
+                          img->backing_name, img->backing_format);
+    }
+    if (img->depth + 1 >= max_depth) {
+        return ct_err_set(err, -ELOOP, "backing chain is deeper than the limit of %u images",
+                          max_depth);
+    }
+    img->backing_path = image_resolve_backing(img->filename, img->backing_name);
+    if (!img->backing_path) {
+        return ct_err_set(err, -ENOMEM, "out of memory");
+    }
+    unsigned bflags = (img->flags & (CT_OPEN_FORCE_SHARE | CT_OPEN_NO_BACKING));
+    int r = open_one(&img->backing, img->backing_path, img->backing_format, bflags,
+                     img->depth + 1, max_depth, ids, opts, err);
+    if (r < 0) {
+        ct_err_set(err, r, "Could not open backing file: %s", err ? err->msg : "");
+    }
+    return r;
+}
+
+static int open_one(struct ct_image **out, const char *path, const char *format, unsigned flags,
+                    unsigned depth, unsigned max_depth, struct chain_id *ids,
+                    const struct ct_open_opts *opts, struct ct_err *err)
+{
+    *out = NULL;
+    bool write = (flags & CT_OPEN_WRITE) != 0;
+    struct ct_image *img = calloc(1, sizeof(*img));
+    if (!img) {
+        return ct_err_set(err, -ENOMEM, "out of memory");
+    }
+    img->flags = flags;
+    img->writable = write;
+    img->depth = depth;
+    img->filename = strdup(path);
+    int r;
+    if (!img->filename) {
+        r = ct_err_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    r = ct_file_open(&img->file, path, write ? CT_FILE_WRITE : 0, err);
+    if (r < 0) {
+        goto fail;
+    }
+    if (img->file->fd >= 0) {
+        struct stat st;
+        if (fstat(img->file->fd, &st) == 0) {
+            for (unsigned i = 0; i < depth; i++) {
+                if (ids[i].dev == st.st_dev && ids[i].ino == st.st_ino) {
+                    r = ct_err_set(err, -ELOOP, "backing chain loop: '%s' is already in the chain",
+                                   path);
+                    goto fail;
+                }
+            }
+            ids[depth].dev = st.st_dev;
+            ids[depth].ino = st.st_ino;
+        }
+    }
+    if (!(flags & CT_OPEN_FORCE_SHARE)) {
+        r = ct_file_lock(img->file, write, err);
+        if (r < 0) {
+            goto fail;
+        }
+    }
+    if (!format) {
+        uint8_t magic[4] = {0};
+        r = ct_file_pread(img->file, magic, sizeof(magic), 0);
+        if (r < 0) {
+            ct_err_set(err, r, "Could not read '%s': %s", path, ct_strerror(r));
+            goto fail;
+        }
+        /* Probing is allowed for the image the user names, never for backing files (I2). */
+        format = memcmp(magic, "QFI\xfb", 4) == 0 ? "qcow2" : "raw";
+    }
+    img->drv = find_driver(format);
+    if (!img->drv) {
+        r = ct_err_set(err, -CT_E_UNSUPPORTED, "Unknown image format '%s'", format);
+        goto fail;
+    }
+    r = img->drv->open(img, err);
+    if (r < 0) {
+        img->drv = NULL;
+        goto fail;
+    }
+    r = open_backing(img, max_depth, ids, opts, err);
+    if (r == 0 && img->drv->post_open) {
+        r = img->drv->post_open(img, err);
+    }
+    if (r < 0) {
+        ct_image_close(img, NULL);
+        return r;
+    }
+    *out = img;
+    return 0;
+fail:
+    image_free(img);
+    return r;
+}
+
+int ct_image_open(struct ct_image **out, const char *path, const struct ct_open_opts *opts,
+                  struct ct_err *err)
+{
+    static const struct ct_open_opts defaults;
+    if (!opts) {
+        opts = &defaults;
+    }
+    unsigned max_depth = opts->max_chain_depth ? opts->max_chain_depth : DEFAULT_MAX_CHAIN_DEPTH;
+    struct chain_id *ids = calloc(max_depth + 1, sizeof(*ids));
+    if (!ids) {
+        return ct_err_set(err, -ENOMEM, "out of memory");
+    }
+    unsigned flags = opts->flags;
+    if (flags & CT_OPEN_FORCE_SHARE) {
+        flags &= ~(unsigned)CT_OPEN_WRITE;
+    }
+    int r = open_one(out, path, opts->format, flags, 0, max_depth, ids, opts, err);
+    free(ids);
+    return r;
+}
+
+int ct_image_close(struct ct_image *img, struct ct_err *err)
+{
+    int ret = 0;
+    while (img) {
+        struct ct_image *next = img->backing;
+        if (img->drv) {
+            int r = img->drv->close(img);
+            if (r < 0 && ret == 0) {
+                ret = ct_err_set(err, r, "%s: flush on close failed: %s", img->filename,
+                                 ct_strerror(r));
+            }
+        }
+        image_free(img);
+        img = next;
+    }
+    return ret;
+}
+
+uint64_t ct_image_size(const struct ct_image *img)
+{
+    return img->size;
+}
+
+const char *ct_image_filename(const struct ct_image *img)
+{
+    return img->filename;
+}
+
+const char *ct_image_format(const struct ct_image *img)
+{
+    return img->drv->name;
+}
+
+struct ct_image *ct_image_backing(const struct ct_image *img)
+{
+    return img->backing;
+}
+
+int image_poison(struct ct_image *img, int err)
+{
+    if (img->poison == 0) {
+        img->poison = err;
+    }
+    return err;
+}
+
+int image_read_below(struct ct_image *img, void *buf, uint64_t len, uint64_t off)
+{
+    struct ct_image *b = img->backing;
+    uint64_t n = 0;
+    if (b && off < b->size) {
+        n = CT_MIN(len, b->size - off);
+        int r = ct_image_pread(b, buf, n, off);
+        if (r < 0) {
+            return r;
+        }
+    }
+    memset((uint8_t *)buf + n, 0, len - n);
+    return 0;
+}
+
+bool image_below_is_zero(struct ct_image *img, uint64_t len, uint64_t off)
+{
+    struct ct_image *b = img->backing;
+    while (b) {
+        if (off >= b->size) {
+            return true;
+        }
+        uint64_t end = CT_MIN(off + len, b->size);
+        for (uint64_t o = off; o < end;) {
+            struct ct_extent e;
+            if (ct_image_block_status(b, o, end - o, &e) < 0 || e.len == 0) {
+                return false;
+            }
+            if ((e.flags & CT_STATUS_ALLOCATED) && !(e.flags & CT_STATUS_ZERO)) {
+                return false;
+            }
+            if (!(e.flags & CT_STATUS_ALLOCATED) && !image_below_is_zero(b, e.len, o)) {
+                return false;
+            }
+            o += e.len;
+        }
+        return true;
+    }
+    return true;
+}
+
+static int check_range(struct ct_image *img, uint64_t len, uint64_t off)
+{
+    if (off > img->size || len > img->size - off) {
+        return -EINVAL;
+    }
+    return 0;
+}
+
+static int check_write(struct ct_image *img, uint64_t len, uint64_t off)
+{
+    if (!img->writable) {
+        return -EROFS;
+    }
+    if (img->poison) {
+        return -CT_E_STATE;
+    }
+    return check_range(img, len, off);
+}
+
+int ct_image_pread(struct ct_image *img, void *buf, uint64_t len, uint64_t off)
+{
+    int r = check_range(img, len, off);
+    if (r < 0 || len == 0) {
+        return r;
+    }
+    return img->drv->pread(img, buf, len, off);
+}
+
+static int maybe_fua(struct ct_image *img, int r, unsigned flags)
+{
+    if (r >= 0 && ((flags & CT_WRITE_FUA) || (img->flags & CT_OPEN_WRITETHROUGH))) {
+        r = img->drv->flush(img);
+    }
+    return r;
+}
+
+int ct_image_pwrite(struct ct_image *img, const void *buf, uint64_t len, uint64_t off,
+                    unsigned flags)
+{
+    int r = check_write(img, len, off);
+    if (r < 0 || len == 0) {
+        return r;
+    }
+    return maybe_fua(img, img->drv->pwrite(img, buf, len, off), flags);
+}
+
+int ct_image_pwrite_zeroes(struct ct_image *img, uint64_t len, uint64_t off, unsigned flags)
+{
+    int r = check_write(img, len, off);
+    if (r < 0 || len == 0) {
+        return r;
+    }
+    return maybe_fua(img, img->drv->pwrite_zeroes(img, len, off, flags), flags);
+}
+
+int ct_image_discard(struct ct_image *img, uint64_t len, uint64_t off)
+{
+    int r = check_write(img, len, off);
+    if (r < 0 || len == 0) {
+        return r;
+    }
+    return maybe_fua(img, img->drv->discard(img, len, off), 0);
+}
+
+int ct_image_flush(struct ct_image *img)
+{
+    if (!img->writable) {
+        return 0;
+    }
+    if (img->poison) {
+        return -CT_E_STATE;
+    }
+    return img->drv->flush(img);
+}
+
+int ct_image_truncate(struct ct_image *img, uint64_t new_size, bool allow_shrink,
+                      struct ct_err *err)
+{
+    if (!img->writable) {
+        return ct_err_set(err, -EROFS, "image is read-only");
+    }
+    if (img->poison) {
+        return ct_err_set(err, -CT_E_STATE, "image handle is in an error state");
+    }
+    if (new_size < img->size && !allow_shrink) {
+        return ct_err_set(err, -EINVAL, "Use the --shrink option to perform a shrink operation.");
+    }
+    return img->drv->truncate(img, new_size, allow_shrink, err);
+}
+
+int ct_image_block_status(struct ct_image *img, uint64_t off, uint64_t len, struct ct_extent *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (off >= img->size) {
+        return 0;
+    }
+    len = CT_MIN(len, img->size - off);
+    if (len == 0) {
+        return 0;
+    }
+    return img->drv->block_status(img, off, len, out);
+}
+
+int ct_image_map(struct ct_image *img, uint64_t off, uint64_t len, struct ct_map_extent *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (off >= img->size) {
+        return 0;
+    }
+    len = CT_MIN(len, img->size - off);
+    unsigned depth = 0;
+    struct ct_image *layer = img;
+    for (;;) {
+        struct ct_extent e;
+        if (off >= layer->size) {
+            /* Past the end of a shorter backing file: reads as zero, provided by nobody. */
+            out->off = off;
+            out->len = len;
+            out->flags = CT_STATUS_ZERO;
+            out->depth = depth - 1;
+            out->layer = layer;
+            return 0;
+        }
+        int r = ct_image_block_status(layer, off, len, &e);
+        if (r < 0) {
+            return r;
+        }
+        len = e.len;
+        if ((e.flags & CT_STATUS_ALLOCATED) || !layer->backing) {
+            out->off = off;
+            out->len = len;
+            out->flags = e.flags;
+            if (!(e.flags & CT_STATUS_ALLOCATED)) {
+                out->flags |= CT_STATUS_ZERO;
+            }
+            out->depth = depth;
+            out->host_off = e.host_off;
+            out->layer = layer;
+            return 0;
+        }
+        layer = layer->backing;
+        depth++;
+    }
+}
+
+int ct_image_info(struct ct_image *img, struct ct_image_info *info)
+{
+    memset(info, 0, sizeof(*info));
+    info->filename = img->filename;
+    info->format = img->drv->name;
+    info->virtual_size = img->size;
+    int64_t a = ct_file_allocated(img->file);
+    info->actual_size = a > 0 ? (uint64_t)a : 0;
+    info->backing_file = img->backing_name;
+    info->backing_format = img->backing_format;
+    info->full_backing_file = img->backing_path;
+    if (img->backing_name && !info->full_backing_file) {
+        /* Not opened (-u, or NO_BACKING): still report where it would be. */
+        img->backing_path = image_resolve_backing(img->filename, img->backing_name);
+        info->full_backing_file = img->backing_path;
+    }
+    return img->drv->info ? img->drv->info(img, info) : 0;
+}
+
+int ct_image_check(struct ct_image *img, unsigned fix, struct ct_check_result *res,
+                   ct_check_report_fn report, void *opaque, struct ct_err *err)
+{
+    memset(res, 0, sizeof(*res));
+    if (!img->drv->check) {
+        return ct_err_set(err, -CT_E_UNSUPPORTED, "This image format does not support checks");
+    }
+    if (fix && !img->writable) {
+        return ct_err_set(err, -EROFS, "cannot repair a read-only image");
+    }
+    return img->drv->check(img, fix, res, report, opaque, err);
+}
