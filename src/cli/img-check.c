@@ -114,7 +114,7 @@ int img_check(int argc, char **argv)
             json_object_object_add(o, "corruptions-fixed",
                                    json_object_new_int64((int64_t)res.corruptions_fixed));
         }
-        printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY |
+        printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
                                                              JSON_C_TO_STRING_NOSLASHESCAPE));
         json_object_put(o);
     } else if (!quiet) {

@@ -138,7 +138,7 @@ int img_info(int argc, char **argv)
             if (arr) {
                 json_object_array_add(arr, o);
             } else {
-                printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY |
+                printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
                                                                      JSON_C_TO_STRING_NOSLASHESCAPE));
                 json_object_put(o);
             }
@@ -151,7 +151,7 @@ int img_info(int argc, char **argv)
         first = false;
     }
     if (arr) {
-        printf("%s\n", json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PRETTY |
+        printf("%s\n", json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
                                                                JSON_C_TO_STRING_NOSLASHESCAPE));
         json_object_put(arr);
     }
