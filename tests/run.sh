@@ -5,27 +5,33 @@
 # 77 (skip) or anything else (fail); its output goes to tests/out/<name>.log and is shown on
 # failure.
 #
-# usage: tests/run.sh [-b BUILD_DIR] [-j JOBS] [-k PATTERN] [--long]
+# usage: tests/run.sh [-b BUILD_DIR]... [-j JOBS] [-k PATTERN] [--long]
+# With several -b, every test runs against each build in turn; one summary line at the end.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(dirname "$here")
-build="$top/build"
+builds=()
 jobs=$(nproc 2>/dev/null || echo 2)
 pattern=""
 export COWTREE_TEST_LONG=${COWTREE_TEST_LONG:-0}
 while [ $# -gt 0 ]; do
     case "$1" in
-    -b) build=$(cd "$2" && pwd); shift 2 ;;
+    -b) builds+=("$(cd "$2" && pwd)"); shift 2 ;;
     -j) jobs=$2; shift 2 ;;
     -k) pattern=$2; shift 2 ;;
     --long) COWTREE_TEST_LONG=1; shift ;;
     *) echo "usage: $0 [-b BUILD_DIR] [-j JOBS] [-k PATTERN] [--long]" >&2; exit 2 ;;
     esac
 done
-export COWTREE_BUILD="$build" COWTREE_TOP="$top"
+[ ${#builds[@]} -gt 0 ] || builds=("$top/build")
+export COWTREE_TOP="$top"
+total_pass=0 total_fail=0 total_skip=0
+for build in "${builds[@]}"; do
+export COWTREE_BUILD="$build"
 out="$top/tests/out/$(basename "$build")"
 rm -rf "$out"
 mkdir -p "$out"
+echo "== tests against $(basename "$build") =="
 
 tests=()
 for t in "$build"/tests/unit/unit-*; do
@@ -54,7 +60,7 @@ run_one() {
 export -f run_one
 export out top
 
-printf '%s\n' "${tests[@]}" | xargs -P "$jobs" -I{} bash -c 'run_one "$@"' _ {}
+[ ${#tests[@]} -gt 0 ] && printf '%s\n' "${tests[@]}" | xargs -P "$jobs" -I{} bash -c 'run_one "$@"' _ {}
 
 pass=0 fail=0 skip=0
 for t in "${tests[@]}"; do
@@ -66,5 +72,7 @@ for t in "${tests[@]}"; do
     *) fail=$((fail + 1)); echo "FAIL $name (rc=$rc, ${secs}s)"; sed 's/^/    | /' "$out/$name.log" | tail -40 ;;
     esac
 done
-echo "$pass passed, $fail failed, $skip skipped"
-[ "$fail" -eq 0 ]
+total_pass=$((total_pass + pass)) total_fail=$((total_fail + fail)) total_skip=$((total_skip + skip))
+done
+echo "$total_pass passed, $total_fail failed, $total_skip skipped"
+[ "$total_fail" -eq 0 ]
