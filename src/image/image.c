@@ -3,6 +3,7 @@
  */
 #include <errno.h>
 #include <libgen.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -123,6 +124,7 @@ static int open_one(struct ct_image **out, const char *path, const char *format,
     img->flags = flags;
     img->writable = write;
     img->depth = depth;
+    img->cache_bytes = opts->cache_bytes;
     img->filename = strdup(path);
     int r;
     if (!img->filename) {

@@ -50,6 +50,7 @@ struct ct_image {
     bool writable;
     int poison; /* 0, or the error that poisoned the handle */
     unsigned depth;
+    uint64_t cache_bytes; /* metadata cache budget (0 = default) */
 
     /* Backing link as stored in the image, and the resolved path. */
     char *backing_name;

@@ -114,7 +114,9 @@ static uint8_t *put_ext(uint8_t *p, uint32_t type, const void *data, uint32_t le
 {
     st_be32(p, type);
     st_be32(p + 4, len);
-    memcpy(p + 8, data, len);
+    if (len) {
+        memcpy(p + 8, data, len);
+    }
     memset(p + 8 + len, 0, ct_align_up(len, 8) - len);
     return p + ext_size(len);
 }
@@ -818,7 +820,7 @@ static int qcow2_open(struct ct_image *img, struct ct_err *err)
         goto fail;
     }
 
-    uint64_t cache_bytes = DEFAULT_CACHE_BYTES;
+    uint64_t cache_bytes = img->cache_bytes ? img->cache_bytes : DEFAULT_CACHE_BYTES;
     unsigned l2_slots = (unsigned)CT_MAX(16, CT_MIN(cache_bytes / q->cluster_size, 4096));
     unsigned rb_slots = (unsigned)CT_MAX(16, l2_slots / 4);
     if (qcow2_cache_init(&q->l2_cache, q, QCOW2_CACHE_L2, l2_slots) < 0 ||

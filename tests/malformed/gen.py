@@ -335,7 +335,7 @@ QF = dict(info="fail", check="fail", read="fail")  # QEMU refuses to open
 # ---- truncated / not qcow2 at all
 
 @case("trunc-40", "v3 image truncated to 40 bytes (shorter than the 72-byte v2 header)", "v3",
-      HDR, [K_HDR_SHORT], qemu=QF)
+      HDR, [K_HDR_SHORT], qemu=dict(QF, msg="header too short"))
 def _(q, d):
     q.truncate(40)
 
@@ -348,13 +348,13 @@ def _(q, d):
 
 
 @case("trunc-100", "v3 image truncated to 100 bytes (shorter than the 104-byte v3 header)", "v3",
-      HDR, [K_HDR_SHORT], qemu=QF)
+      HDR, [K_HDR_SHORT], qemu=dict(QF, msg="header too short"))
 def _(q, d):
     q.truncate(100)
 
 
 @case("empty-file", "zero-length file opened with -f qcow2", "v3",
-      HDR, [K_HDR_SHORT + r"|empty|magic"], qemu=QF)
+      HDR, [K_HDR_SHORT + r"|empty|magic"], qemu=dict(QF, msg="not in qcow2 format"))
 def _(q, d):
     q.truncate(0)
 
@@ -412,14 +412,14 @@ def _(q, d):
 
 @case("l1-overlaps-header", "l1_table_offset 0: the L1 table overlaps the header", "v3",
       dict(info="any", check="fail", read="fail", write="fail"), [r"L1|L2|overlap|header"],
-      qemu=dict(info="ok", check="fail"))
+      qemu=dict(info="ok", check="fail", msg="L1 entry with reserved bits set: 514649fb"))
 def _(q, d):
     q["l1_table_offset"] = 0
 
 
 @case("l1-overlaps-reftable", "l1_table_offset = refcount_table_offset", "v3",
       dict(info="any", check="fail", read="any", write="fail"), [r"L1|L2|refcount|overlap"],
-      qemu=dict(info="ok", check="fail"))
+      qemu=dict(info="ok", check="fail", msg="offset 0x1000100010000"))
 def _(q, d):
     q["l1_table_offset"] = q["refcount_table_offset"]
 
@@ -440,13 +440,13 @@ def _(q, d):
 
 
 @case("rt-zero", "refcount_table_offset 0 (overlaps the header)", "v3-hole0", REFC,
-      [r"refcount"], qemu=dict(info="ok", check="fail"))
+      [r"refcount"], qemu=dict(info="ok", check="fail", msg="refcount table entry 0 has reserved bits"))
 def _(q, d):
     q["refcount_table_offset"] = 0
 
 
 @case("rt-past-eof", "refcount_table_offset 1 TiB, past the end of the file", "v3-hole0", REFC,
-      [r"refcount"], qemu=dict(info="ok", check="fail"))
+      [r"refcount"], qemu=dict(info="ok", check="fail", msg="offset 0x10000000000 size 0x10000"))
 def _(q, d):
     q["refcount_table_offset"] = TIB
 
@@ -457,13 +457,13 @@ field_case("rt-clusters-2^31", "refcount_table_clusters 2^31", "v3", "refcount_t
 
 @case("rt-entry-into-l1", "refcount table entry 0 points at the L1 table (refcount block "
       "overlaps the L1 table)", "v3-hole0", REFC, [r"refcount|overlap"],
-      qemu=dict(info="ok", check="fail"))
+      qemu=dict(info="ok", check="fail", msg="refcount block 0 refcount=2"))
 def _(q, d):
     q.set_rt(0, q["l1_table_offset"])
 
 
 @case("refblock-past-eof", "refcount table entry 0 points 1 TiB past the end of the file",
-      "v3-hole0", REFC, [r"refcount"], qemu=dict(info="ok", check="fail"))
+      "v3-hole0", REFC, [r"refcount"], qemu=dict(info="ok", check="fail", msg="refcount block 0 is outside image"))
 def _(q, d):
     q.set_rt(0, TIB)
 
@@ -481,7 +481,7 @@ def _(q, d):
 
 
 @case("l2-past-eof", "L1[0] points at an L2 table 1 TiB past the end of the file", "v3",
-      DATA, [r"L2"], qemu=dict(info="ok", check="fail"))
+      DATA, [r"L2"], qemu=dict(info="ok", check="fail", msg="offset 0x10000000000 size 0x10000"))
 def _(q, d):
     q.set_l1(0, COPIED | TIB)
 
@@ -495,7 +495,7 @@ def _(q, d):
 
 @case("l2-entry-past-eof", "L2[0] maps guest cluster 0 to host 1 TiB (past the end of the file)",
       "v3", DATA, [r"L2|cluster|" + K_PAST], op_kw={"check": [r"L2|cluster|" + K_PAST]},
-      qemu=dict(info="ok", check="fail"))
+      qemu=dict(info="ok", check="fail", msg="offset 0x10000000000 size 0x10000"))
 def _(q, d):
     q.set_l2(0, COPIED | TIB)
 
@@ -680,13 +680,13 @@ def _(q, d):
 
 
 @case("extl2-512", "extended_l2 bit (incompatible bit 4) with 512-byte clusters", "v3-512", HDR,
-      [r"extended|subcluster"], qemu=QF)
+      [r"extended|subcluster"], qemu=dict(QF, msg="Unsupported subcluster size: 16$"))
 def _(q, d):
     q["incompatible_features"] = 1 << 4
 
 
 @case("extl2-4k", "extended_l2 bit with 4 KiB clusters (minimum is 16 KiB)", "v3-4k", HDR,
-      [r"extended|subcluster"], qemu=QF)
+      [r"extended|subcluster"], qemu=dict(QF, msg="Unsupported subcluster size: 128"))
 def _(q, d):
     q["incompatible_features"] = 1 << 4
 
@@ -767,7 +767,8 @@ def _(q, d):
 
 
 @case("snapshot-name-past-eof", "snapshot entry name_size 0xffff makes the table run past EOF",
-      "v3-snap", HDR, [r"snapshot"], qemu=dict(info="ok", check="fail"))
+      "v3-snap", HDR, [r"snapshot"],
+      qemu=dict(info="ok", check="fail", msg=r"cluster 12 refcount=0 reference=1"))
 def _(q, d):
     so = q["snapshots_offset"]
     # copy the table to a fresh cluster at the end of the file, then claim a 64 KiB name
@@ -776,6 +777,11 @@ def _(q, d):
     q.d[len(q.d):] = b"\0" * (last - len(q.d)) + tbl
     q["snapshots_offset"] = last
     struct.pack_into(">H", q.d, last + 14, 0xFFFF)
+    # keep the refcounts consistent: new table cluster used, old one free
+    assert q["refcount_order"] == 4
+    rb = q.rt(0)
+    struct.pack_into(">H", q.d, rb + 2 * (last // q.cluster_size), 1)
+    struct.pack_into(">H", q.d, rb + 2 * (so // q.cluster_size), 0)
 
 
 @case("snapshot-l1-past-eof", "snapshot 1's L1 table offset is 1 TiB, past EOF", "v3-snap",
@@ -847,6 +853,9 @@ def build(out):
     with open(os.path.join(out, "manifest.tsv"), "w") as f:
         f.write("# case\top\texpect\tfmt\tkeyword-regex...\n")
         f.write("\n".join(rows) + "\n")
+    with open(os.path.join(out, "cases.tsv"), "w") as f:
+        for c in CASES:
+            f.write("%s\t%s\t%s\n" % (c.name, c.base, c.desc))
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return len(CASES)
