@@ -134,8 +134,10 @@ int main(void)
         {3, 4096, 8, false, 16 << 20},   {3, 16384, 32, true, 32 << 20},
         {3, 65536, 4, true, 64 << 20},   {2, 1024, 16, false, 8 << 20},
     };
+    const char *longrun = getenv("COWTREE_TEST_LONG");
+    unsigned seeds = longrun && *longrun == '1' ? 12 : 2;
     for (size_t i = 0; i < sizeof(cfgs) / sizeof(cfgs[0]); i++) {
-        for (unsigned seed = 1; seed <= 3; seed++) {
+        for (unsigned seed = 1; seed <= seeds; seed++) {
             run(&cfgs[i], seed * 7919 + (unsigned)i);
         }
     }
