@@ -67,6 +67,7 @@ struct ct_open_opts {
     unsigned flags;           /* enum ct_open_flags */
     unsigned max_chain_depth; /* 0 = default (1024) */
     uint64_t cache_bytes;     /* metadata cache size per qcow2 layer; 0 = default (32 MiB) */
+    const char *snapshot;     /* open this internal snapshot (name or id), read-only */
 };
 
 /* Open an image and its backing chain. *out is set on success, left NULL on failure. */
@@ -167,6 +168,39 @@ struct ct_image_info {
 };
 /* Fills *info; strings are borrowed from img, valid until close. */
 int ct_image_info(struct ct_image *img, struct ct_image_info *info);
+
+/* ---- Internal snapshots (qcow2) ----
+ * A snapshot is selected by name or id. A string that is one snapshot's id and another's name,
+ * or the name of several snapshots, is ambiguous and refused with an error naming them. */
+
+struct ct_snapshot_info {
+    const char *id, *name; /* borrowed, valid until the next snapshot call or close */
+    uint64_t vm_state_size;
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t disk_size; /* virtual size when the snapshot was taken */
+    uint64_t icount;    /* UINT64_MAX when absent */
+};
+
+int ct_snapshot_count(struct ct_image *img);
+int ct_snapshot_get(struct ct_image *img, unsigned index, struct ct_snapshot_info *out);
+/* Index of the snapshot NAME_OR_ID selects, or a negative error with a message. */
+int ct_snapshot_find(struct ct_image *img, const char *name_or_id, struct ct_err *err);
+
+struct ct_snapshot_create_opts {
+    uint32_t date_sec, date_nsec; /* 0 = now */
+    uint64_t vm_clock_nsec;
+    const void *vmstate; /* memory state saved with the snapshot, or NULL */
+    uint64_t vmstate_len;
+};
+int ct_snapshot_create(struct ct_image *img, const char *name,
+                       const struct ct_snapshot_create_opts *opts, struct ct_err *err);
+/* Make the snapshot's state the active state (the virtual size becomes the snapshot's). */
+int ct_snapshot_apply(struct ct_image *img, const char *name_or_id, struct ct_err *err);
+int ct_snapshot_delete(struct ct_image *img, const char *name_or_id, struct ct_err *err);
+/* Read [off, off+len) of the snapshot's saved memory state. */
+int ct_snapshot_read_vmstate(struct ct_image *img, const char *name_or_id, void *buf, uint64_t len,
+                             uint64_t off, struct ct_err *err);
 
 /* ---- Check and repair (qemu-img check semantics) ---- */
 

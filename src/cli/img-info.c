@@ -49,6 +49,9 @@ static json_object *info_json(struct ct_image *img)
                                    json_object_new_string(in.backing_format));
         }
     }
+    if (ct_snapshot_count(img) > 0) {
+        json_object_object_add(o, "snapshots", img_snapshots_json(img));
+    }
     json_object_object_add(o, "dirty-flag", json_object_new_boolean(in.dirty));
     return o;
 }
@@ -78,6 +81,10 @@ static void info_human(struct ct_image *img)
     }
     if (in.dirty) {
         printf("cleanly shut down: no\n");
+    }
+    if (ct_snapshot_count(img) > 0) {
+        printf("Snapshot list:\n");
+        img_print_snapshots_human(img);
     }
     if (strcmp(in.format, "qcow2") == 0) {
         printf("Format specific information:\n");

@@ -507,6 +507,8 @@ static const struct {
     {"map", img_map, "map [-f FMT] [--output=human|json] [-U] FILE"},
     {"compare", img_compare, "compare [-f FMT] [-F FMT] [-s] [-U] A B"},
     {"resize", img_resize, "resize [--shrink] [-f FMT] FILE [+|-]SIZE"},
+    {"snapshot", img_snapshot,
+     "snapshot [-l | -c NAME [--vmstate FILE] | -a NAME | -d NAME | --dump-vmstate NAME OUT] FILE"},
     {"bench", img_bench, "bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFF] [-w] FILE"},
 };
 

@@ -125,6 +125,7 @@ static int open_one(struct ct_image **out, const char *path, const char *format,
     img->writable = write;
     img->depth = depth;
     img->cache_bytes = opts->cache_bytes;
+    img->snapshot = depth == 0 ? opts->snapshot : NULL;
     img->filename = strdup(path);
     int r;
     if (!img->filename) {
@@ -175,6 +176,7 @@ static int open_one(struct ct_image **out, const char *path, const char *format,
         img->drv = NULL;
         goto fail;
     }
+    img->snapshot = NULL;
     r = open_backing(img, max_depth, ids, opts, err);
     if (r == 0 && img->drv->post_open) {
         r = img->drv->post_open(img, err);
@@ -473,4 +475,80 @@ int ct_image_check(struct ct_image *img, unsigned fix, struct ct_check_result *r
         return ct_err_set(err, -EROFS, "cannot repair a read-only image");
     }
     return img->drv->check(img, fix, res, report, opaque, err);
+}
+
+/* ---- internal snapshots: qcow2 only ---- */
+
+#include "qcow2/qcow2.h"
+
+static struct qcow2_state *snapshot_state(struct ct_image *img, bool write, struct ct_err *err)
+{
+    if (img->drv != &ct_qcow2_driver) {
+        ct_err_set(err, -CT_E_UNSUPPORTED, "internal snapshots need a qcow2 image");
+        return NULL;
+    }
+    if (write && !img->writable) {
+        ct_err_set(err, -EROFS, "image is open read-only");
+        return NULL;
+    }
+    if (write && img->poison) {
+        ct_err_set(err, -CT_E_STATE, "image handle is in an error state");
+        return NULL;
+    }
+    return qstate(img);
+}
+
+int ct_snapshot_count(struct ct_image *img)
+{
+    return img->drv == &ct_qcow2_driver ? (int)qstate(img)->nb_snapshots : 0;
+}
+
+int ct_snapshot_get(struct ct_image *img, unsigned index, struct ct_snapshot_info *out)
+{
+    if (img->drv != &ct_qcow2_driver || index >= qstate(img)->nb_snapshots) {
+        return -ENOENT;
+    }
+    const struct qcow2_snapshot *s = &qstate(img)->snapshots[index];
+    out->id = s->id;
+    out->name = s->name;
+    out->vm_state_size = s->vm_state_size;
+    out->date_sec = s->date_sec;
+    out->date_nsec = s->date_nsec;
+    out->vm_clock_nsec = s->vm_clock_nsec;
+    out->disk_size = s->disk_size;
+    out->icount = s->icount;
+    return 0;
+}
+
+int ct_snapshot_find(struct ct_image *img, const char *name_or_id, struct ct_err *err)
+{
+    struct qcow2_state *q = snapshot_state(img, false, err);
+    return q ? qcow2_snapshot_find(q, name_or_id, err) : (err ? err->code : -CT_E_UNSUPPORTED);
+}
+
+int ct_snapshot_create(struct ct_image *img, const char *name,
+                       const struct ct_snapshot_create_opts *opts, struct ct_err *err)
+{
+    struct qcow2_state *q = snapshot_state(img, true, err);
+    return q ? qcow2_snapshot_create(q, name, opts, err) : err ? err->code : -EINVAL;
+}
+
+int ct_snapshot_apply(struct ct_image *img, const char *name_or_id, struct ct_err *err)
+{
+    struct qcow2_state *q = snapshot_state(img, true, err);
+    return q ? qcow2_snapshot_apply(q, name_or_id, err) : err ? err->code : -EINVAL;
+}
+
+int ct_snapshot_delete(struct ct_image *img, const char *name_or_id, struct ct_err *err)
+{
+    struct qcow2_state *q = snapshot_state(img, true, err);
+    return q ? qcow2_snapshot_delete(q, name_or_id, err) : err ? err->code : -EINVAL;
+}
+
+int ct_snapshot_read_vmstate(struct ct_image *img, const char *name_or_id, void *buf, uint64_t len,
+                             uint64_t off, struct ct_err *err)
+{
+    struct qcow2_state *q = snapshot_state(img, false, err);
+    return q ? qcow2_snapshot_read_vmstate(q, name_or_id, buf, len, off, err)
+             : err ? err->code : -EINVAL;
 }

@@ -51,6 +51,7 @@ struct ct_image {
     int poison; /* 0, or the error that poisoned the handle */
     unsigned depth;
     uint64_t cache_bytes; /* metadata cache budget (0 = default) */
+    const char *snapshot; /* internal snapshot to show (read-only), borrowed during open */
 
     /* Backing link as stored in the image, and the resolved path. */
     char *backing_name;

@@ -256,10 +256,11 @@ static int read_compressed(struct qcow2_state *q, uint64_t l2e, uint8_t **out)
     return 0;
 }
 
-int qcow2_pread(struct ct_image *img, void *buf, uint64_t len, uint64_t off)
+/* below: unallocated ranges read from the backing chain (else as zeros). */
+static int pread_common(struct qcow2_state *q, uint8_t *p, uint64_t len, uint64_t off,
+                        bool below)
 {
-    struct qcow2_state *q = qstate(img);
-    uint8_t *p = buf;
+    struct ct_image *img = q->img;
     if (img->poison == -CT_E_CORRUPT) {
         return -CT_E_CORRUPT;
     }
@@ -277,7 +278,11 @@ int qcow2_pread(struct ct_image *img, void *buf, uint64_t len, uint64_t off)
             memset(p, 0, st.len);
             break;
         case QK_UNALLOC:
-            r = image_read_below(img, p, st.len, off);
+            if (below) {
+                r = image_read_below(img, p, st.len, off);
+            } else {
+                memset(p, 0, st.len);
+            }
             break;
         case QK_COMPRESSED: {
             uint8_t *c = NULL;
@@ -296,6 +301,16 @@ int qcow2_pread(struct ct_image *img, void *buf, uint64_t len, uint64_t off)
         len -= st.len;
     }
     return 0;
+}
+
+int qcow2_pread(struct ct_image *img, void *buf, uint64_t len, uint64_t off)
+{
+    return pread_common(qstate(img), buf, len, off, true);
+}
+
+int qcow2_pread_raw(struct qcow2_state *q, void *buf, uint64_t len, uint64_t off)
+{
+    return pread_common(q, buf, len, off, false);
 }
 
 int qcow2_block_status(struct ct_image *img, uint64_t off, uint64_t len, struct ct_extent *out)

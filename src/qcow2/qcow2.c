@@ -819,6 +819,16 @@ static int qcow2_open(struct ct_image *img, struct ct_err *err)
     if (r < 0) {
         goto fail;
     }
+    if (img->snapshot) {
+        if (img->writable) {
+            r = ct_err_set(err, -EINVAL, "a snapshot can only be opened read-only");
+            goto fail;
+        }
+        r = qcow2_snapshot_use_for_read(q, img->snapshot, err);
+        if (r < 0) {
+            goto fail;
+        }
+    }
 
     uint64_t cache_bytes = img->cache_bytes ? img->cache_bytes : DEFAULT_CACHE_BYTES;
     unsigned l2_slots = (unsigned)CT_MAX(16, CT_MIN(cache_bytes / q->cluster_size, 4096));

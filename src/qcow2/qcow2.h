@@ -185,8 +185,18 @@ const char *qcow2_feature_name(struct qcow2_state *q, int type, int bit, char *b
 int qcow2_corrupt(struct qcow2_state *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Grow the L1 table so that it has at least min_size entries (Q5). */
 int qcow2_grow_l1(struct qcow2_state *q, uint32_t min_size);
+/* ---- qcow2-snapshot.c ---- */
 /* Parse the snapshot table (open). */
 int qcow2_read_snapshots(struct qcow2_state *q, struct ct_err *err);
+int qcow2_snapshot_find(struct qcow2_state *q, const char *key, struct ct_err *err);
+int qcow2_snapshot_create(struct qcow2_state *q, const char *name,
+                          const struct ct_snapshot_create_opts *o, struct ct_err *err);
+int qcow2_snapshot_delete(struct qcow2_state *q, const char *key, struct ct_err *err);
+int qcow2_snapshot_apply(struct qcow2_state *q, const char *key, struct ct_err *err);
+/* Make a read-only handle show the snapshot's state (open with opts->snapshot). */
+int qcow2_snapshot_use_for_read(struct qcow2_state *q, const char *key, struct ct_err *err);
+int qcow2_snapshot_read_vmstate(struct qcow2_state *q, const char *key, void *buf, uint64_t len,
+                                uint64_t off, struct ct_err *err);
 
 /* ---- qcow2-refcount.c ---- */
 
@@ -219,6 +229,8 @@ struct qcow2_status {
 };
 int qcow2_get_status(struct qcow2_state *q, uint64_t off, uint64_t len, struct qcow2_status *st);
 int qcow2_pread(struct ct_image *img, void *buf, uint64_t len, uint64_t off);
+/* Read through the current L1 without the image layer's bounds (VM state past the disk). */
+int qcow2_pread_raw(struct qcow2_state *q, void *buf, uint64_t len, uint64_t off);
 int qcow2_pwrite(struct ct_image *img, const void *buf, uint64_t len, uint64_t off);
 int qcow2_pwrite_zeroes(struct ct_image *img, uint64_t len, uint64_t off, unsigned flags);
 int qcow2_discard(struct ct_image *img, uint64_t len, uint64_t off);

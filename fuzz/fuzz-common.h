@@ -1,0 +1,43 @@
+/*
+ * Shared helpers for the libFuzzer targets (fuzz/fuzz-*.c).
+ *
+ * The public API opens images by path, so a target puts its bytes into an anonymous memory
+ * file (memfd_create) and hands the engine "/proc/self/fd/N". Such files live in RAM, vanish
+ * with their last descriptor, never collide between parallel fuzzing jobs, and the target can
+ * read their current bytes at any moment (the "crash image" oracle of fuzz-write).
+ */
+#ifndef CT_FUZZ_COMMON_H
+#define CT_FUZZ_COMMON_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cowtree/cowtree.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+
+/* A memory file holding a copy of data[0..len). Returns its fd (>= 0); path receives
+ * "/proc/self/fd/N". Aborts if the kernel refuses (that is an environment problem). */
+int fz_memfd(const void *data, size_t len, char *path, size_t path_len);
+/* Current bytes of an fd (whole file). Returns 0, or -1 when larger than max. */
+int fz_read_all(int fd, uint8_t **out, size_t *len, size_t max);
+void fz_close_fd(int fd);
+
+/* Report an oracle violation and abort (libFuzzer records the input). */
+void fz_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+/* Check-report collector: keeps the first lines, for failure messages. */
+struct fz_report {
+    char text[4096];
+    size_t used;
+    unsigned lines;
+};
+void fz_report_cb(void *opaque, const char *line);
+
+/* FUZZ_VERBOSE=1 in the environment: trace operations on stderr (for triage). */
+extern bool fz_verbose;
+void fz_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+#endif
