@@ -97,6 +97,15 @@ int ct_image_flush(struct ct_image *img);
 int ct_image_truncate(struct ct_image *img, uint64_t new_size, bool allow_shrink,
                       struct ct_err *err);
 
+/* Rewrite the backing link stored in the image (backing NULL or "" = none; fmt required
+ * otherwise). Only the link changes: no data is copied and the open chain is not reopened,
+ * so close and reopen to read through the new chain. qcow2 only. */
+int ct_image_change_backing(struct ct_image *img, const char *backing, const char *fmt,
+                            struct ct_err *err);
+/* Drop every cluster of the image so that all reads fall through to the backing file
+ * (qemu-img commit's emptying of the top image). qcow2 only. */
+int ct_image_make_empty(struct ct_image *img, struct ct_err *err);
+
 /* Allocation status of one layer (the image itself, not its backing). */
 enum ct_status_flags {
     CT_STATUS_ALLOCATED = 1u << 0, /* this layer decides the content (data or zero) */

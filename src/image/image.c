@@ -552,3 +552,69 @@ int ct_snapshot_read_vmstate(struct ct_image *img, const char *name_or_id, void 
     return q ? qcow2_snapshot_read_vmstate(q, name_or_id, buf, len, off, err)
              : err ? err->code : -EINVAL;
 }
+
+int ct_image_change_backing(struct ct_image *img, const char *backing, const char *fmt,
+                            struct ct_err *err)
+{
+    struct qcow2_state *q = snapshot_state(img, true, err);
+    if (!q) {
+        return err ? err->code : -EINVAL;
+    }
+    if (backing && !*backing) {
+        backing = NULL;
+    }
+    if (backing && (!fmt || (strcmp(fmt, "qcow2") != 0 && strcmp(fmt, "raw") != 0))) {
+        return ct_err_set(err, -EINVAL, "backing format must be given as qcow2 or raw");
+    }
+    if (backing && strlen(backing) > QCOW2_MAX_BACKING_NAME) {
+        return ct_err_set(err, -EINVAL, "backing file name is longer than 1023 bytes");
+    }
+    char *nb = backing ? strdup(backing) : NULL, *nf = backing ? strdup(fmt) : NULL;
+    if (backing && (!nb || !nf)) {
+        free(nb);
+        free(nf);
+        return ct_err_set(err, -ENOMEM, "out of memory");
+    }
+    char *ob = img->backing_name, *of = img->backing_format;
+    img->backing_name = nb;
+    img->backing_format = nf;
+    int r = qcow2_mark_dirty(q);
+    if (r == 0) {
+        r = qcow2_flush_metadata(q);
+    }
+    if (r == 0) {
+        r = qcow2_rewrite_header(q);
+    }
+    if (r == 0) {
+        r = qcow2_barrier(q);
+    }
+    if (r < 0) {
+        img->backing_name = ob;
+        img->backing_format = of;
+        free(nb);
+        free(nf);
+        return ct_err_set(err, r, "could not rewrite the header: %s", ct_strerror(r));
+    }
+    free(ob);
+    free(of);
+    free(img->backing_path);
+    img->backing_path = NULL;
+    return 0;
+}
+
+int ct_image_make_empty(struct ct_image *img, struct ct_err *err)
+{
+    struct qcow2_state *q = snapshot_state(img, true, err);
+    if (!q) {
+        return err ? err->code : -EINVAL;
+    }
+    int r = qcow2_mark_dirty(q);
+    uint64_t span = q->cluster_size * q->l2_entries;
+    if (r == 0) {
+        r = qcow2_discard_range(q, 0, (uint64_t)q->l1_size * span, true);
+    }
+    if (r == 0) {
+        r = qcow2_flush_metadata(q);
+    }
+    return r < 0 ? ct_err_set(err, r, "could not empty the image: %s", ct_strerror(r)) : 0;
+}

@@ -355,6 +355,7 @@ class Scenario:
         self.recipe = []  # (env, argv) with relative file names, run in an empty directory
         self.trial_seq = 0
         self.setup_problems = []
+        self.soft_problems = []  # failures that do not invalidate the oracle
 
     # -- starting image ------------------------------------------------------------------
     def build_start(self):
@@ -451,7 +452,8 @@ class Scenario:
 
     # -- clean analysis ------------------------------------------------------------------
     def analyse(self):
-        """Run every prefix cleanly: counts, per-command images, model and qemu-io checks."""
+        """Run every prefix cleanly: counts, per-command images, model and qemu-io checks.
+        Returns problems that make the oracle unusable; others go to soft_problems."""
         problems = []
         n = self.n
 
@@ -548,10 +550,23 @@ class Scenario:
             q = q + bytes(self.maxsize - len(q))
             if q != self.final:
                 bad = first_diff_sectors(q, self.final)
-                problems.append("qemu-io and cowtree-io disagree on the workload's result at "
-                                "sectors %s" % bad[:5])
+                self.soft_problems.append(
+                    "qemu-io and cowtree-io disagree on the workload's result: %s" % "; ".join(
+                        "sector %d (offset %d): qemu %s, cowtree %s%s" % (
+                            s, s * SECTOR, summarize_bytes(q[s * SECTOR:(s + 1) * SECTOR]),
+                            summarize_bytes(self.final[s * SECTOR:(s + 1) * SECTOR]),
+                            self.blame(s)) for s in bad[:3]))
         shutil.rmtree(d)
         return problems
+
+    def blame(self, s):
+        """The last workload command touching sector s."""
+        for i in range(self.n, 0, -1):
+            c = self.cmds[i - 1]
+            if c.kind in ("write", "zero", "discard") and \
+                    c.off < (s + 1) * SECTOR and c.off + c.length > s * SECTOR:
+                return " [last written by command %d `%s`]" % (i, c.text())
+        return ""
 
     def flush_indices(self):
         return [i for i in range(1, self.n + 1) if self.cmds[i - 1].kind == "flush"]

@@ -83,6 +83,8 @@ def main():
             rep.fail("%s clean analysis" % v.name, problems, scn.repro({}))
             cl.log("%s: the clean workload itself misbehaves; skipping its kill points" % v.name)
             continue
+        if scn.soft_problems:
+            rep.fail("%s clean workload" % v.name, scn.soft_problems, scn.repro({}))
         ks = choose_ks(scn)
         cl.log("%s (-o %s): %d commands in %d segments; clean run makes %d writes, %d flushes; "
                "trying %d write and %d flush kill points" % (

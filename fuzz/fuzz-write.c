@@ -1,0 +1,922 @@
+/*
+ * fuzz-write: the input is a bytecode of image operations, run against a fresh qcow2 image
+ * and against a shadow model of its guest-visible content.
+ *
+ * Header (8 bytes): qcow2 creation options (compat 2/3, cluster size 512..64k, refcount
+ * width 1..64, extended L2, lazy refcounts, zstd, preallocation), the virtual size, the cache
+ * size of the opens, and an optional backing file (raw or qcow2, up to 1 MiB, 64 KiB stripes
+ * of a pattern or zeros) under the image.
+ *
+ * Then operations (one opcode byte, then arguments): write (plain/FUA/all-zero buffer),
+ * write_zeroes (plain/UNMAP), discard, flush, truncate (grow/shrink), reopen, read-compare,
+ * check, "crash" (copy the image file as it is on disk at this instant and examine the copy),
+ * and "fault" (make the k-th next write/flush of the I/O layer fail with EIO).
+ *
+ * Oracles (abort() = a finding):
+ *  - every read returns the model's bytes (the whole disk at the end, reads in between);
+ *  - no operation fails unless an injected fault is armed;
+ *  - a check in the middle of a session, and after close + reopen, finds no corruption and no
+ *    leak; ct_image_info agrees with the creation options;
+ *  - a crash copy (and the image after an injected I/O error) opens, its check finds no
+ *    corruption (leaks are allowed: invariants Q1-Q6 of src/qcow2/qcow2.h), every byte not
+ *    written since the last successful flush is intact, and after a repair the check is clean.
+ *
+ * Model semantics: as QEMU. A discard drops whole clusters (partial clusters are kept; a tail
+ * reaching the end of the image counts as whole); dropped clusters read as zeros, except on a
+ * compat=0.10 image with a backing file where they read from the backing file. Growing the
+ * image exposes zeros, never backing-file data (QEMU zero-fills the new area when the backing
+ * file is longer).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fuzz-common.h"
+
+#define PAGE 4096u
+#define MAX_VSIZE (4ull << 30)
+#define MAX_WRITE (1u << 20)
+#define MAX_ZERO (8u << 20)
+#define MAX_WRITTEN (16u << 20)
+#define MAX_OPS 96
+#define MAX_CRASH 3
+#define FULL_VERIFY_LIMIT (16u << 20)
+#define VERIFY_BUDGET (32u << 20)
+#define PREALLOC_LIMIT (8u << 20)
+#define CRASH_FILE_MAX (256u << 20)
+#define BASE_STRIPE (64u << 10)
+#define EMPTY UINT64_MAX
+
+struct page {
+    uint64_t idx; /* EMPTY = free slot */
+    uint8_t *data;
+    bool dirty; /* modified since the last successful flush */
+};
+
+struct model {
+    int version;
+    unsigned cs, sub, rbits;
+    bool ext_l2, lazy;
+    int backing; /* 0 none, 1 raw, 2 qcow2 */
+    uint64_t size;
+    uint64_t base_size, base_vis;
+    uint32_t base_mask;
+    uint32_t base_seed;
+    struct page *tab;
+    size_t cap, n;
+    uint64_t written;
+    /* After an interrupted truncate the header may hold either size. */
+    bool has_alt;
+    uint64_t alt_size;
+};
+
+static const char *const op_names[16] = {
+    "write", "write", "write", "write-fua", "zero", "zero-unmap", "discard", "flush",
+    "truncate", "reopen", "crash", "read", "check", "fault", "write-zerobuf", "discard"};
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    (void)argc;
+    (void)argv;
+    fz_verbose = getenv("FUZZ_VERBOSE") != NULL;
+    /* Count I/O calls from the start so "fault" can name the k-th next one. */
+    ct_fault_configure("count");
+    return 0;
+}
+
+/* ---- the model ---- */
+
+static uint8_t pat(uint32_t seed, uint64_t off)
+{
+    uint32_t x = (uint32_t)off * 2654435761u ^ (uint32_t)(off >> 32) * 0x85ebca77u ^
+                 seed * 0x01000193u;
+    x ^= x >> 15;
+    x *= 0x2c1b3c6du;
+    x ^= x >> 12;
+    return (uint8_t)x;
+}
+
+static uint64_t base_limit(const struct model *m)
+{
+    return m->base_vis < m->base_size ? m->base_vis : m->base_size;
+}
+
+static void base_fill(const struct model *m, uint8_t *buf, uint64_t off, uint64_t len)
+{
+    uint64_t lim = base_limit(m);
+    for (uint64_t i = 0; i < len; i++) {
+        uint64_t o = off + i;
+        if (o >= lim) {
+            memset(buf + i, 0, len - i);
+            return;
+        }
+        buf[i] = ((m->base_mask >> (o / BASE_STRIPE)) & 1) ? pat(m->base_seed, o) : 0;
+    }
+}
+
+static bool base_zero(const struct model *m, uint64_t off, uint64_t len)
+{
+    uint64_t lim = base_limit(m);
+    for (uint64_t o = off; o < off + len && o < lim; o++) {
+        if (((m->base_mask >> (o / BASE_STRIPE)) & 1) && pat(m->base_seed, o)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static size_t slot_of(const struct model *m, uint64_t idx)
+{
+    return (size_t)((idx * 0x9e3779b97f4a7c15ull) >> 17) & (m->cap - 1);
+}
+
+static struct page *page_find(const struct model *m, uint64_t idx)
+{
+    if (!m->cap) {
+        return NULL;
+    }
+    for (size_t s = slot_of(m, idx);; s = (s + 1) & (m->cap - 1)) {
+        if (m->tab[s].idx == idx) {
+            return &m->tab[s];
+        }
+        if (m->tab[s].idx == EMPTY) {
+            return NULL;
+        }
+    }
+}
+
+static void tab_insert(struct model *m, struct page pg)
+{
+    size_t s = slot_of(m, pg.idx);
+    while (m->tab[s].idx != EMPTY) {
+        s = (s + 1) & (m->cap - 1);
+    }
+    m->tab[s] = pg;
+    m->n++;
+}
+
+static void tab_rebuild(struct model *m, size_t cap, uint64_t drop_from)
+{
+    struct page *old = m->tab;
+    size_t ocap = m->cap;
+    m->tab = malloc(cap * sizeof(*m->tab));
+    if (!m->tab) {
+        fz_die("out of memory");
+    }
+    for (size_t i = 0; i < cap; i++) {
+        m->tab[i].idx = EMPTY;
+    }
+    m->cap = cap;
+    m->n = 0;
+    for (size_t i = 0; i < ocap; i++) {
+        if (old[i].idx == EMPTY) {
+            continue;
+        }
+        if (old[i].idx >= drop_from) {
+            free(old[i].data);
+            continue;
+        }
+        tab_insert(m, old[i]);
+    }
+    free(old);
+}
+
+static struct page *page_get(struct model *m, uint64_t idx)
+{
+    struct page *p = page_find(m, idx);
+    if (p) {
+        return p;
+    }
+    if ((m->n + 1) * 2 > m->cap) {
+        tab_rebuild(m, m->cap ? m->cap * 2 : 256, EMPTY);
+    }
+    struct page pg = {.idx = idx, .data = malloc(PAGE), .dirty = false};
+    if (!pg.data) {
+        fz_die("out of memory");
+    }
+    base_fill(m, pg.data, idx * PAGE, PAGE);
+    tab_insert(m, pg);
+    return page_find(m, idx);
+}
+
+enum how { SET_DATA, SET_ZERO, SET_BASE };
+
+static void m_set(struct model *m, uint64_t off, uint64_t len, enum how how, uint32_t seed)
+{
+    while (len) {
+        uint64_t idx = off / PAGE, in = off % PAGE, n = PAGE - in < len ? PAGE - in : len;
+        struct page *p = page_find(m, idx);
+        /* An absent page reads as the base; skip creating one when nothing changes. */
+        if (p || (how == SET_DATA) || (how == SET_ZERO && !base_zero(m, off, n))) {
+            if (!p) {
+                p = page_get(m, idx);
+            }
+            switch (how) {
+            case SET_DATA:
+                for (uint64_t i = 0; i < n; i++) {
+                    p->data[in + i] = pat(seed, off + i);
+                }
+                break;
+            case SET_ZERO:
+                memset(p->data + in, 0, n);
+                break;
+            case SET_BASE:
+                base_fill(m, p->data + in, off, n);
+                break;
+            }
+            p->dirty = true;
+        }
+        off += n;
+        len -= n;
+    }
+}
+
+static void m_dirty(struct model *m, uint64_t off, uint64_t len)
+{
+    for (uint64_t idx = off / PAGE; len && idx <= (off + len - 1) / PAGE; idx++) {
+        struct page *p = page_find(m, idx);
+        if (p) {
+            p->dirty = true;
+        }
+    }
+}
+
+static void m_clean(struct model *m)
+{
+    for (size_t i = 0; i < m->cap; i++) {
+        m->tab[i].dirty = false;
+    }
+}
+
+static bool m_page_dirty(const struct model *m, uint64_t idx)
+{
+    const struct page *p = page_find(m, idx);
+    return p && p->dirty;
+}
+
+static void m_expect(const struct model *m, uint8_t *buf, uint64_t off, uint64_t len)
+{
+    while (len) {
+        uint64_t idx = off / PAGE, in = off % PAGE, n = PAGE - in < len ? PAGE - in : len;
+        const struct page *p = page_find(m, idx);
+        if (p) {
+            memcpy(buf, p->data + in, n);
+        } else {
+            base_fill(m, buf, off, n);
+        }
+        buf += n;
+        off += n;
+        len -= n;
+    }
+}
+
+static void m_truncate(struct model *m, uint64_t s)
+{
+    if (s < m->size) {
+        tab_rebuild(m, m->cap ? m->cap : 256, (s + PAGE - 1) / PAGE);
+        if (s % PAGE) {
+            struct page *p = page_find(m, s / PAGE);
+            if (p) {
+                memset(p->data + s % PAGE, 0, PAGE - s % PAGE);
+                p->dirty = true;
+            }
+        }
+        if (m->base_vis > s) {
+            m->base_vis = s;
+        }
+    }
+    m->size = s;
+}
+
+static void m_free(struct model *m)
+{
+    for (size_t i = 0; i < m->cap; i++) {
+        if (m->tab[i].idx != EMPTY) {
+            free(m->tab[i].data);
+        }
+    }
+    free(m->tab);
+}
+
+/* ---- checking the engine against the model ---- */
+
+static void describe(const struct model *m, char *buf, size_t len)
+{
+    snprintf(buf, len,
+             "compat=%s cluster_size=%u refcount_bits=%u extended_l2=%d size=%" PRIu64
+             " backing=%s base_size=%" PRIu64,
+             m->version == 2 ? "0.10" : "1.1", m->cs, m->rbits, m->ext_l2, m->size,
+             m->backing == 0 ? "none" : m->backing == 1 ? "raw" : "qcow2", m->base_size);
+}
+
+static void compare(struct ct_image *img, const struct model *m, uint64_t off, uint64_t len,
+                    const char *ctx, bool skip_dirty)
+{
+    static uint8_t got[256 << 10], want[256 << 10];
+    while (len) {
+        uint64_t n = len < sizeof(got) ? len : sizeof(got);
+        int r = ct_image_pread(img, got, n, off);
+        if (r < 0) {
+            fz_die("%s: read of %" PRIu64 " bytes at %" PRIu64 " failed: %s", ctx, n, off,
+                   ct_strerror(r));
+        }
+        m_expect(m, want, off, n);
+        if (memcmp(got, want, n) != 0) {
+            for (uint64_t i = 0; i < n; i++) {
+                if (got[i] == want[i] || (skip_dirty && m_page_dirty(m, (off + i) / PAGE))) {
+                    continue;
+                }
+                char d[256];
+                describe(m, d, sizeof(d));
+                const struct page *p = page_find(m, (off + i) / PAGE);
+                fz_die("%s: guest byte %" PRIu64 " reads 0x%02x, expected 0x%02x (%s; page %s"
+                       "; %s)",
+                       ctx, off + i, got[i], want[i],
+                       p ? "written by an operation" : "never written: zero or backing data",
+                       p && p->dirty ? "dirty" : "clean", d);
+            }
+        }
+        off += n;
+        len -= n;
+    }
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Compare the whole disk: every byte for small disks; for big ones, every extent up to a
+ * budget, and in the rest the first and last page plus every page the model holds. */
+static void verify_all(struct ct_image *img, const struct model *m, uint64_t vsize,
+                       const char *ctx, bool skip_dirty)
+{
+    if (vsize <= FULL_VERIFY_LIMIT) {
+        compare(img, m, 0, vsize, ctx, skip_dirty);
+        return;
+    }
+    uint64_t *keys = malloc((m->n + 1) * sizeof(*keys));
+    size_t nk = 0;
+    if (!keys) {
+        fz_die("out of memory");
+    }
+    for (size_t i = 0; i < m->cap; i++) {
+        if (m->tab[i].idx != EMPTY) {
+            keys[nk++] = m->tab[i].idx;
+        }
+    }
+    qsort(keys, nk, sizeof(*keys), cmp_u64);
+    uint64_t budget = VERIFY_BUDGET, off = 0;
+    size_t ki = 0;
+    while (off < vsize) {
+        struct ct_extent e;
+        int r = ct_image_block_status(img, off, vsize - off, &e);
+        if (r < 0) {
+            fz_die("%s: block_status at %" PRIu64 " failed: %s", ctx, off, ct_strerror(r));
+        }
+        if (e.len == 0 || e.len > vsize - off) {
+            fz_die("%s: block_status at %" PRIu64 " returned length %" PRIu64, ctx, off, e.len);
+        }
+        uint64_t end = off + e.len;
+        if (e.len <= (1u << 20) || ((e.flags & CT_STATUS_ALLOCATED) && e.len <= budget)) {
+            compare(img, m, off, e.len, ctx, skip_dirty);
+            budget -= e.len < budget ? e.len : budget;
+        } else {
+            compare(img, m, off, PAGE, ctx, skip_dirty);
+            compare(img, m, end - PAGE, PAGE, ctx, skip_dirty);
+            while (ki < nk && keys[ki] * PAGE + PAGE <= off) {
+                ki++;
+            }
+            for (size_t k = ki; k < nk && keys[k] * PAGE < end; k++) {
+                uint64_t a = keys[k] * PAGE > off ? keys[k] * PAGE : off;
+                uint64_t b = keys[k] * PAGE + PAGE < end ? keys[k] * PAGE + PAGE : end;
+                compare(img, m, a, b - a, ctx, skip_dirty);
+            }
+        }
+        off = end;
+    }
+    free(keys);
+}
+
+static void check_clean(struct ct_image *img, bool allow_leaks, const char *ctx)
+{
+    struct ct_check_result res;
+    struct fz_report rep = {0};
+    struct ct_err err = {0};
+    int r = ct_image_check(img, CT_FIX_NONE, &res, fz_report_cb, &rep, &err);
+    if (r < 0 || res.corruptions || res.check_errors || (!allow_leaks && res.leaks)) {
+        fz_die("%s: check returns %d (%s) with %" PRIu64 " corruptions, %" PRIu64
+               " leaks, %" PRIu64 " check errors:\n%s",
+               ctx, r, r < 0 ? err.msg : "ok", res.corruptions, res.leaks, res.check_errors,
+               rep.text);
+    }
+}
+
+static struct ct_image *open_img(const char *path, unsigned flags, uint64_t cache, bool must,
+                                 const char *ctx)
+{
+    struct ct_image *img = NULL;
+    struct ct_err err = {0};
+    struct ct_open_opts o = {.format = "qcow2", .flags = flags, .cache_bytes = cache};
+    int r = ct_image_open(&img, path, &o, &err);
+    if (r < 0) {
+        if (must) {
+            fz_die("%s: open (flags 0x%x) failed: %s", ctx, flags, err.msg);
+        }
+        return NULL;
+    }
+    return img;
+}
+
+/* Examine the image file as it is on disk right now, as if the process had died here. */
+static void crash_verify(const struct model *m, int fd, const char *why)
+{
+    uint8_t *buf;
+    size_t len;
+    if (fz_read_all(fd, &buf, &len, CRASH_FILE_MAX) < 0) {
+        return;
+    }
+    char path[64], ctx[160];
+    int cfd = fz_memfd(buf, len, path, sizeof(path));
+    free(buf);
+
+    snprintf(ctx, sizeof(ctx), "%s, read-only", why);
+    struct ct_image *img = open_img(path, CT_OPEN_FORCE_SHARE, 0, true, ctx);
+    check_clean(img, true, ctx);
+    uint64_t vs = ct_image_size(img);
+    if (vs != m->size && !(m->has_alt && vs == m->alt_size)) {
+        fz_die("%s: virtual size %" PRIu64 ", expected %" PRIu64, ctx, vs, m->size);
+    }
+    uint64_t cmp = vs < m->size ? vs : m->size;
+    verify_all(img, m, cmp, ctx, true);
+    ct_image_close(img, NULL);
+
+    snprintf(ctx, sizeof(ctx), "%s, opened read-write (repair)", why);
+    img = open_img(path, CT_OPEN_WRITE, 0, true, ctx);
+    struct ct_check_result res;
+    struct ct_err err = {0};
+    int r = ct_image_check(img, CT_FIX_ALL, &res, NULL, NULL, &err);
+    if (r < 0) {
+        fz_die("%s: check -r all failed: %s", ctx, err.msg);
+    }
+    check_clean(img, false, ctx);
+    verify_all(img, m, cmp, ctx, true);
+    r = ct_image_close(img, &err);
+    if (r < 0) {
+        fz_die("%s: close failed: %s", ctx, err.msg);
+    }
+    fz_close_fd(cfd);
+}
+
+/* ---- input decoding ---- */
+
+struct rd {
+    const uint8_t *p;
+    size_t n;
+};
+
+static uint8_t rd8(struct rd *r)
+{
+    if (!r->n) {
+        return 0;
+    }
+    r->n--;
+    return *r->p++;
+}
+
+static uint16_t rd16(struct rd *r)
+{
+    uint16_t v = rd8(r);
+    return (uint16_t)(v << 8 | rd8(r));
+}
+
+static uint32_t rd32(struct rd *r)
+{
+    uint32_t v = rd16(r);
+    return v << 16 | rd16(r);
+}
+
+static uint64_t gen_off(const struct model *m, struct rd *r, unsigned mode)
+{
+    uint32_t v = rd32(r);
+    uint64_t size = m->size;
+    if (!size) {
+        return 0;
+    }
+    uint64_t ncl = (size + m->cs - 1) / m->cs, off;
+    switch (mode & 3) {
+    case 0:
+        off = ((uint64_t)v << 8 | rd8(r)) % size;
+        break;
+    case 1:
+        off = (v % ncl) * m->cs;
+        break;
+    case 2: /* a few bytes around a cluster boundary */
+        off = ((v >> 8) % (ncl + 1)) * m->cs + (uint64_t)(int8_t)(v & 0xff);
+        break;
+    default: /* subcluster-aligned */
+        off = (v % ncl) * m->cs + ((v >> 24) % 32) * m->sub;
+        break;
+    }
+    return off < size ? off : size - 1;
+}
+
+static uint64_t gen_len(const struct model *m, struct rd *r, unsigned mode, uint64_t off,
+                        uint64_t max)
+{
+    uint16_t v = rd16(r);
+    uint64_t len;
+    switch (mode & 3) {
+    case 0:
+        len = 1 + v % 8192;
+        break;
+    case 1:
+        len = (uint64_t)(1 + v % 32) * m->cs;
+        break;
+    case 2:
+        len = (uint64_t)(1 + v % 64) * m->sub;
+        break;
+    default:
+        len = 1 + ((uint64_t)v << 7);
+        break;
+    }
+    if (len > max) {
+        len = max;
+    }
+    return len < m->size - off ? len : m->size - off;
+}
+
+static uint64_t gen_size(const struct model *m, struct rd *r)
+{
+    uint8_t mode = rd8(r);
+    uint32_t v = rd32(r);
+    uint64_t s;
+    switch (mode % 5) {
+    case 0:
+        s = m->size + v % (4u * m->cs);
+        break;
+    case 1:
+        s = m->size - (v % (4u * m->cs) < m->size ? v % (4u * m->cs) : m->size);
+        break;
+    case 2:
+        s = (uint64_t)v * 512;
+        break;
+    case 3:
+        s = (uint64_t)(v % 65536) * m->cs;
+        break;
+    default:
+        s = v % (8u << 20);
+        break;
+    }
+    return s < MAX_VSIZE ? s : MAX_VSIZE;
+}
+
+/* ---- the target ---- */
+
+static void make_base(struct model *m, int kind, char *path, size_t path_len, int *fd,
+                      unsigned base_cbits)
+{
+    uint8_t *buf = malloc(m->base_size ? m->base_size : 1);
+    if (!buf) {
+        fz_die("out of memory");
+    }
+    /* The backing file holds the whole pattern, whatever the overlay's size. */
+    uint64_t vis = m->base_vis;
+    m->base_vis = UINT64_MAX;
+    base_fill(m, buf, 0, m->base_size);
+    m->base_vis = vis;
+    if (kind == 1) {
+        *fd = fz_memfd(buf, m->base_size, path, path_len);
+        free(buf);
+        return;
+    }
+    *fd = fz_memfd(NULL, 0, path, path_len);
+    struct ct_err err = {0};
+    struct ct_create_opts co = {.format = "qcow2", .size = m->base_size, .size_given = true,
+                                .cluster_size = 1u << base_cbits};
+    if (ct_image_create(path, &co, &err) < 0) {
+        fz_die("creating the qcow2 backing file failed: %s", err.msg);
+    }
+    struct ct_image *b = open_img(path, CT_OPEN_WRITE, 0, true, "backing file");
+    for (uint64_t s = 0; s * BASE_STRIPE < m->base_size; s++) {
+        uint64_t off = s * BASE_STRIPE;
+        uint64_t n = m->base_size - off < BASE_STRIPE ? m->base_size - off : BASE_STRIPE;
+        int r = 0;
+        if ((m->base_mask >> s) & 1) {
+            r = ct_image_pwrite(b, buf + off, n, off, 0);
+        } else if (s & 1) {
+            r = ct_image_pwrite_zeroes(b, n, off, 0);
+        }
+        if (r < 0) {
+            fz_die("writing the qcow2 backing file failed: %s", ct_strerror(r));
+        }
+    }
+    if (ct_image_close(b, &err) < 0) {
+        fz_die("closing the qcow2 backing file failed: %s", err.msg);
+    }
+    free(buf);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (size < 8) {
+        return 0;
+    }
+    struct rd in = {data, size};
+    uint8_t h[8];
+    for (int i = 0; i < 8; i++) {
+        h[i] = rd8(&in);
+    }
+    struct model m = {0};
+    m.version = (h[0] & 1) ? 2 : 3;
+    m.ext_l2 = (h[0] & 2) && m.version == 3;
+    m.lazy = (h[0] & 4) && m.version == 3;
+    bool zstd = (h[0] & 8) && m.version == 3;
+    m.backing = (h[0] >> 4 & 3) < 2 ? 0 : (h[0] >> 4 & 3) - 1;
+    bool want_prealloc = h[0] & 0x40;
+    uint64_t cache = (h[0] & 0x80) ? 1 : 0; /* 1 byte = the minimum: 16 slots per cache */
+    unsigned cbits = 9 + (h[1] & 7);
+    if (m.ext_l2 && cbits < 14) {
+        cbits = 14 + (h[1] & 7) % 3;
+    }
+    enum ct_prealloc prealloc = (enum ct_prealloc)(1 + (h[1] >> 3 & 3) % 3);
+    bool no_open_backing = h[1] & 0x40;
+    unsigned open_flags = CT_OPEN_WRITE | ((h[1] & 0x80) ? CT_OPEN_WRITETHROUGH : 0);
+    m.cs = 1u << cbits;
+    m.sub = m.ext_l2 ? m.cs / 32 : m.cs;
+    m.rbits = m.version == 2 ? 16 : 1u << (h[2] % 7);
+    unsigned base_cbits = 9 + (h[2] >> 3 & 7);
+    switch (h[3] >> 6) {
+    case 0:
+        m.size = (uint64_t)(h[3] & 63) << 16 | (uint64_t)h[4] << 8 | h[5];
+        break;
+    case 1:
+        m.size = ((uint64_t)(h[3] & 63) << 8 | h[4]) * m.cs;
+        break;
+    case 2:
+        m.size = ((uint64_t)(h[3] & 63) << 8 | h[4]) << 18 | (uint64_t)h[5] << 9;
+        break;
+    default:
+        m.size = (uint64_t)h[5] << 9;
+        break;
+    }
+    if (m.size > MAX_VSIZE) {
+        m.size = MAX_VSIZE;
+    }
+    m.base_vis = m.size;
+    if (m.backing) {
+        m.base_size = ((uint64_t)(h[6] & 15) + 1) * BASE_STRIPE - (uint64_t)(h[6] >> 4) * 1000;
+        m.base_mask = h[7] | (uint32_t)(h[7] ^ 0x5a) << 8;
+        m.base_seed = 0xba5e0000u | h[6] << 8 | h[7];
+    }
+    if (m.size > PREALLOC_LIMIT) {
+        want_prealloc = false;
+    }
+
+    char bpath[64] = "", path[64];
+    int bfd = -1;
+    if (m.backing) {
+        make_base(&m, m.backing, bpath, sizeof(bpath), &bfd, base_cbits);
+    }
+    int fd = fz_memfd(NULL, 0, path, sizeof(path));
+    struct ct_create_opts co = {
+        .format = "qcow2",
+        .size = m.size,
+        .size_given = true,
+        .backing_file = m.backing ? bpath : NULL,
+        .backing_format = m.backing == 1 ? "raw" : m.backing == 2 ? "qcow2" : NULL,
+        .no_open_backing = no_open_backing,
+        .cluster_size = m.cs,
+        .compat = m.version,
+        .refcount_bits = m.rbits,
+        .lazy_refcounts = m.lazy,
+        .extended_l2 = m.ext_l2,
+        .compression_type = zstd ? 1 : 0,
+        .prealloc = want_prealloc ? prealloc : CT_PREALLOC_OFF,
+    };
+    char desc[256];
+    describe(&m, desc, sizeof(desc));
+    fz_log("create: %s lazy=%d zstd=%d prealloc=%d cache=%" PRIu64 " flags=0x%x", desc, m.lazy,
+           zstd, (int)co.prealloc, cache, open_flags);
+    struct ct_err err = {0};
+    int r = ct_image_create(path, &co, &err);
+    if (r < 0) {
+        fz_die("ct_image_create (%s) failed: %s", desc, err.msg);
+    }
+    struct ct_image *img = open_img(path, open_flags, cache, true, "open after create");
+    verify_all(img, &m, m.size, "right after create", false);
+
+    bool armed = false, faulted = false;
+    unsigned crashes = 0;
+    uint32_t seq = 0;
+    static uint8_t wbuf[MAX_WRITE];
+    for (unsigned nops = 0; in.n && nops < MAX_OPS; nops++) {
+        uint8_t op = rd8(&in);
+        unsigned kind = op & 15, om = op >> 4 & 3, lm = op >> 6;
+        uint64_t off = 0, len = 0;
+        char ctx[160];
+        r = 0;
+        const char *name = op_names[kind];
+        switch (kind) {
+        case 0:
+        case 1:
+        case 2:
+        case 3:
+        case 14: {
+            off = gen_off(&m, &in, om);
+            len = gen_len(&m, &in, lm, off, MAX_WRITE);
+            if (!len || m.written + len > MAX_WRITTEN) {
+                continue;
+            }
+            m.written += len;
+            uint32_t seed = ++seq;
+            if (kind == 14) {
+                memset(wbuf, 0, len);
+            } else {
+                for (uint64_t i = 0; i < len; i++) {
+                    wbuf[i] = pat(seed, off + i);
+                }
+            }
+            m_dirty(&m, off, len);
+            r = ct_image_pwrite(img, wbuf, len, off, kind == 3 ? CT_WRITE_FUA : 0);
+            m_set(&m, off, len, kind == 14 ? SET_ZERO : SET_DATA, seed);
+            break;
+        }
+        case 4:
+        case 5:
+            off = gen_off(&m, &in, om);
+            len = gen_len(&m, &in, lm, off, MAX_ZERO);
+            if (!len) {
+                continue;
+            }
+            m_dirty(&m, off, len);
+            r = ct_image_pwrite_zeroes(img, len, off, kind == 5 ? CT_WRITE_UNMAP : 0);
+            m_set(&m, off, len, SET_ZERO, 0);
+            break;
+        case 6:
+        case 15: {
+            off = gen_off(&m, &in, om);
+            len = gen_len(&m, &in, lm, off, MAX_ZERO);
+            if (!len) {
+                continue;
+            }
+            m_dirty(&m, off, len);
+            r = ct_image_discard(img, len, off);
+            uint64_t end = off + len;
+            uint64_t a = (off + m.cs - 1) / m.cs * m.cs;
+            uint64_t b = end == m.size ? m.size : end / m.cs * m.cs;
+            if (a < b) {
+                m_set(&m, a, b - a, m.version == 2 && m.backing ? SET_BASE : SET_ZERO, 0);
+            }
+            break;
+        }
+        case 7:
+            r = ct_image_flush(img);
+            if (r == 0) {
+                m_clean(&m);
+            }
+            break;
+        case 8: {
+            uint64_t s = gen_size(&m, &in);
+            off = s;
+            if (s < m.size) {
+                m_dirty(&m, s / PAGE * PAGE, PAGE);
+            }
+            uint64_t old = m.size;
+            r = ct_image_truncate(img, s, true, &err);
+            if (r < 0) {
+                m.has_alt = true;
+                m.alt_size = old;
+            }
+            m_truncate(&m, s);
+            break;
+        }
+        case 9: {
+            unsigned fl = CT_OPEN_WRITE | ((om & 1) ? CT_OPEN_WRITETHROUGH : 0);
+            r = ct_image_close(img, &err);
+            img = NULL;
+            if (r == 0) {
+                m_clean(&m);
+                img = open_img(path, fl, (om & 2) ? 1 : 0, !armed, "reopen");
+                if (!img) {
+                    r = -EIO;
+                }
+            }
+            break;
+        }
+        case 10:
+            if (armed || crashes >= MAX_CRASH) {
+                continue;
+            }
+            crashes++;
+            snprintf(ctx, sizeof(ctx), "crash copy after op %u", nops);
+            fz_log("op %u: crash copy", nops);
+            crash_verify(&m, fd, ctx);
+            continue;
+        case 11:
+            off = gen_off(&m, &in, om);
+            len = gen_len(&m, &in, lm, off, 256u << 10);
+            if (armed) {
+                continue; /* a read may write back an evicted table: the fault could hit it */
+            }
+            snprintf(ctx, sizeof(ctx), "read of %" PRIu64 "+%" PRIu64 " after op %u", off, len,
+                     nops);
+            compare(img, &m, off, len, ctx, false);
+            fz_log("op %u: read %" PRIu64 "+%" PRIu64 " ok", nops, off, len);
+            continue;
+        case 12: {
+            struct ct_check_result res;
+            struct fz_report rep = {0};
+            r = ct_image_check(img, CT_FIX_NONE, &res, fz_report_cb, &rep, &err);
+            if (r == 0 && (res.corruptions || res.leaks || res.check_errors)) {
+                fz_die("check in the middle of a session (after op %u) finds %" PRIu64
+                       " corruptions, %" PRIu64 " leaks, %" PRIu64 " check errors:\n%s",
+                       nops, res.corruptions, res.leaks, res.check_errors, rep.text);
+            }
+            break;
+        }
+        case 13: {
+            uint8_t a = rd8(&in), b = rd8(&in);
+            if (armed) {
+                continue;
+            }
+            uint64_t w, f;
+            ct_fault_counts(&w, &f);
+            unsigned k = 1 + a % 48;
+            char spec[64];
+            const char *opn = b % 3 == 0 ? "write" : b % 3 == 1 ? "flush" : "any";
+            uint64_t base = b % 3 == 0 ? w : b % 3 == 1 ? f : w + f;
+            snprintf(spec, sizeof(spec), "%s:%" PRIu64 ":%s", opn, base + k,
+                     (b & 4) ? "enospc" : "eio");
+            if (ct_fault_configure(spec) != 0) {
+                fz_die("ct_fault_configure(%s) failed", spec);
+            }
+            armed = true;
+            fz_log("op %u: fault armed: %s (%u calls from now)", nops, spec, k);
+            continue;
+        }
+        default:
+            continue;
+        }
+        fz_log("op %u: %s off=%" PRIu64 " len=%" PRIu64 " -> %d%s", nops, name, off, len, r,
+               armed ? " (fault armed)" : "");
+        if (r < 0) {
+            if (!armed) {
+                char d[256];
+                describe(&m, d, sizeof(d));
+                fz_die("op %u (%s, off %" PRIu64 ", len %" PRIu64 ") failed with no fault "
+                       "injected: %s (%s)",
+                       nops, name, off, len, ct_strerror(r), d);
+            }
+            faulted = true;
+            break;
+        }
+    }
+
+    if (!faulted && !armed) {
+        verify_all(img, &m, m.size, "end of the operations", false);
+    }
+    r = ct_image_close(img, &err);
+    img = NULL;
+    if (r < 0) {
+        if (!armed) {
+            fz_die("close failed with no fault injected: %s", err.msg);
+        }
+        faulted = true;
+    }
+    ct_fault_configure("count");
+    if (faulted) {
+        crash_verify(&m, fd, "image after an injected I/O error");
+    } else {
+        img = open_img(path, 0, 0, true, "reopen after close");
+        check_clean(img, false, "after close and reopen");
+        if (ct_image_size(img) != m.size) {
+            fz_die("after reopen: virtual size %" PRIu64 ", expected %" PRIu64,
+                   ct_image_size(img), m.size);
+        }
+        verify_all(img, &m, m.size, "after close and reopen", false);
+        struct ct_image_info info;
+        if (ct_image_info(img, &info) < 0) {
+            fz_die("ct_image_info failed");
+        }
+        if (info.version != m.version || info.cluster_size != m.cs ||
+            info.refcount_bits != m.rbits || info.extended_l2 != m.ext_l2 || info.dirty ||
+            info.corrupt || info.virtual_size != m.size ||
+            info.compression_type != (zstd ? 1 : 0) || info.lazy_refcounts != m.lazy) {
+            fz_die("ct_image_info disagrees with the creation options: version %d cluster %u "
+                   "refcount_bits %u extended_l2 %d dirty %d corrupt %d size %" PRIu64
+                   " compression %d lazy %d",
+                   info.version, info.cluster_size, info.refcount_bits, info.extended_l2,
+                   info.dirty, info.corrupt, info.virtual_size, info.compression_type,
+                   info.lazy_refcounts);
+        }
+        ct_image_close(img, NULL);
+    }
+    fz_close_fd(fd);
+    fz_close_fd(bfd);
+    m_free(&m);
+    return 0;
+}
