@@ -113,3 +113,18 @@ void fz_log(const char *fmt, ...)
     va_end(ap);
     fputc('\n', stderr);
 }
+
+bool fz_avoid(const char *name)
+{
+    const char *list = getenv("FUZZ_AVOID");
+    size_t n = strlen(name);
+    for (const char *p = list; p && *p;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && memcmp(p, name, n) == 0) {
+            return true;
+        }
+        p = e ? e + 1 : NULL;
+    }
+    return false;
+}

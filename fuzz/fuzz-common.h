@@ -40,4 +40,9 @@ void fz_report_cb(void *opaque, const char *line);
 extern bool fz_verbose;
 void fz_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* FUZZ_AVOID=name,name,... in the environment: steer the input decoding away from known,
+ * already reported bugs so that a long run finds new ones. Names are listed in the target
+ * that uses them. Regression replays run without it. */
+bool fz_avoid(const char *name);
+
 #endif

@@ -13,6 +13,7 @@
 
 #include "cli/cli-util.h"
 #include "cli/img.h"
+#include "cli/img-chain.h"
 
 struct ct_image *img_open(const char *path, const char *fmt, unsigned flags)
 {
@@ -509,6 +510,7 @@ static const struct {
     {"resize", img_resize, "resize [--shrink] [-f FMT] FILE [+|-]SIZE"},
     {"snapshot", img_snapshot,
      "snapshot [-l | -c NAME [--vmstate FILE] | -a NAME | -d NAME | --dump-vmstate NAME OUT] FILE"},
+#include "cli/img-chain-verbs.inc"
     {"bench", img_bench, "bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFF] [-w] FILE"},
 };
 

@@ -102,14 +102,22 @@ def tail(s, n=8):
 
 
 def run(argv, env_extra=None, cwd=None, timeout=300):
-    try:
-        p = subprocess.run(argv, cwd=cwd, env=clean_env(env_extra), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, timeout=timeout)
-        rc = p.returncode
-        out, err = p.stdout, p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc = "timeout"
-        out, err = e.stdout or b"", e.stderr or b""
+    for attempt in range(6):
+        try:
+            p = subprocess.run(argv, cwd=cwd, env=clean_env(env_extra), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, timeout=timeout)
+            rc = p.returncode
+            out, err = p.stdout, p.stderr
+            break
+        except subprocess.TimeoutExpired as e:
+            rc = "timeout (%ds)" % timeout
+            out, err = e.stdout or b"", e.stderr or b""
+            break
+        except OSError as e:
+            # The binary is being relinked under us (ETXTBSY/EACCES/ENOENT): try again.
+            rc = "exec failed: %s" % e
+            out = err = b""
+            time.sleep(0.5 * (attempt + 1))
     return Result(argv, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
                   env_extra)
 
