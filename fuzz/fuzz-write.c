@@ -77,8 +77,10 @@ static const char *const op_names[16] = {
     "truncate", "reopen", "crash", "read", "check", "fault", "write-zerobuf", "discard"};
 
 /* FUZZ_AVOID names (see fuzz-common.h): known bugs the decoding can steer around.
- *   v2-backing   compat=0.10 images with a backing file (header extensions clobbered) */
-static bool avoid_v2_backing;
+ *   v2-backing   compat=0.10 images with a backing file (header extensions clobbered)
+ *   prealloc-metadata  preallocation=metadata (the file is not extended to the clusters)
+ *   v3-512-backing     compat=1.1, 512-byte clusters and a backing file (create fails) */
+static bool avoid_v2_backing, avoid_prealloc_metadata, avoid_v3_512_backing;
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
@@ -86,6 +88,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argv;
     fz_verbose = getenv("FUZZ_VERBOSE") != NULL;
     avoid_v2_backing = fz_avoid("v2-backing");
+    avoid_prealloc_metadata = fz_avoid("prealloc-metadata");
+    avoid_v3_512_backing = fz_avoid("v3-512-backing");
     /* Count I/O calls from the start so "fault" can name the k-th next one. */
     ct_fault_configure("count");
     return 0;
@@ -653,6 +657,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     enum ct_prealloc prealloc = (enum ct_prealloc)(1 + (h[1] >> 3 & 3) % 3);
     bool no_open_backing = h[1] & 0x40;
     unsigned open_flags = CT_OPEN_WRITE | ((h[1] & 0x80) ? CT_OPEN_WRITETHROUGH : 0);
+    if (cbits == 9 && m.version == 3 && m.backing && avoid_v3_512_backing) {
+        cbits = 10;
+    }
     m.cs = 1u << cbits;
     m.sub = m.ext_l2 ? m.cs / 32 : m.cs;
     m.rbits = m.version == 2 ? 16 : 1u << (h[2] % 7);
@@ -682,6 +689,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     if (m.size > PREALLOC_LIMIT) {
         want_prealloc = false;
+    }
+    if (prealloc == CT_PREALLOC_METADATA && avoid_prealloc_metadata) {
+        prealloc = CT_PREALLOC_FALLOC;
     }
 
     char bpath[64] = "", path[64];

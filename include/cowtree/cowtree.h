@@ -90,6 +90,13 @@ enum ct_write_flags {
 int ct_image_pread(struct ct_image *img, void *buf, uint64_t len, uint64_t off);
 int ct_image_pwrite(struct ct_image *img, const void *buf, uint64_t len, uint64_t off,
                     unsigned flags);
+/* Write one whole cluster compressed (qcow2; off cluster-aligned, len = the cluster size, or
+ * less for the last cluster of an image whose size is not cluster-aligned). Data that does
+ * not compress is stored uncompressed, as QEMU does. */
+int ct_image_pwrite_compressed(struct ct_image *img, const void *buf, uint64_t len,
+                               uint64_t off);
+/* Cluster size of a qcow2 image (0 for raw): the unit of pwrite_compressed. */
+uint64_t ct_image_cluster_size(const struct ct_image *img);
 int ct_image_pwrite_zeroes(struct ct_image *img, uint64_t len, uint64_t off, unsigned flags);
 /* Advisory: only whole clusters are dropped, as in QEMU. */
 int ct_image_discard(struct ct_image *img, uint64_t len, uint64_t off);

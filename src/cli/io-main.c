@@ -170,10 +170,10 @@ static int do_read(int argc, char **argv)
 
 static int do_write(int argc, char **argv)
 {
-    bool quiet = false, zero = false, unmap = false, fua = false;
+    bool quiet = false, zero = false, unmap = false, fua = false, compress = false;
     int pattern = 0xcd, c;
     optind = 0;
-    while ((c = getopt(argc, argv, "+P:qzufbCn")) != -1) {
+    while ((c = getopt(argc, argv, "+P:qzufbCnc")) != -1) {
         switch (c) {
         case 'P':
             if (parse_pattern(optarg, &pattern) < 0) {
@@ -184,6 +184,7 @@ static int do_write(int argc, char **argv)
         case 'z': zero = true; break;
         case 'u': unmap = true; break;
         case 'f': fua = true; break;
+        case 'c': compress = true; break;
         case 'b': case 'C': case 'n': break;
         default:
             printf("write: unsupported option\n");
@@ -211,7 +212,18 @@ static int do_write(int argc, char **argv)
             return -1;
         }
         memset(buf, pattern, len);
-        r = ct_image_pwrite(img, buf, len, off, flags);
+        uint64_t cs = ct_image_cluster_size(img);
+        if (compress) {
+            /* Whole clusters only, as qemu-io's write -c. */
+            r = cs && off % cs == 0 && (len % cs == 0 || off + len == ct_image_size(img))
+                    ? 0
+                    : -EINVAL;
+            for (uint64_t o = 0; r == 0 && o < len; o += cs) {
+                r = ct_image_pwrite_compressed(img, buf + o, len - o < cs ? len - o : cs, off + o);
+            }
+        } else {
+            r = ct_image_pwrite(img, buf, len, off, flags);
+        }
         free(buf);
     }
     double t1 = now();

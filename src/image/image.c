@@ -618,3 +618,35 @@ int ct_image_make_empty(struct ct_image *img, struct ct_err *err)
     }
     return r < 0 ? ct_err_set(err, r, "could not empty the image: %s", ct_strerror(r)) : 0;
 }
+
+uint64_t ct_image_cluster_size(const struct ct_image *img)
+{
+    return img->drv == &ct_qcow2_driver ? qstate((struct ct_image *)img)->cluster_size : 0;
+}
+
+int ct_image_pwrite_compressed(struct ct_image *img, const void *buf, uint64_t len, uint64_t off)
+{
+    int r = check_write(img, len, off);
+    if (r < 0) {
+        return r;
+    }
+    if (img->drv != &ct_qcow2_driver) {
+        return -CT_E_UNSUPPORTED;
+    }
+    struct qcow2_state *q = qstate(img);
+    if ((off & (q->cluster_size - 1)) ||
+        (len != q->cluster_size && off + len != img->size) || len > q->cluster_size) {
+        return -EINVAL;
+    }
+    if (len == q->cluster_size) {
+        return qcow2_pwrite_compressed(q, buf, off);
+    }
+    uint8_t *full = calloc(1, q->cluster_size);
+    if (!full) {
+        return -ENOMEM;
+    }
+    memcpy(full, buf, len);
+    r = qcow2_pwrite_compressed(q, full, off);
+    free(full);
+    return r;
+}

@@ -864,3 +864,71 @@ int qcow2_preallocate(struct qcow2_state *q, enum ct_prealloc mode)
     }
     return r;
 }
+
+/* Byte-granular allocation for compressed data: consecutive compressed clusters share host
+ * clusters; each host cluster touched gets one reference per compressed cluster in it. */
+static int alloc_bytes(struct qcow2_state *q, uint64_t len, uint64_t *out)
+{
+    uint64_t off = q->cfree_off;
+    if (off && (off & (q->cluster_size - 1)) && (off & (q->cluster_size - 1)) + len <=
+                                                    q->cluster_size) {
+        int r = qcow2_refcount_update(q, off >> q->cluster_bits, 1);
+        if (r < 0) {
+            return r;
+        }
+    } else {
+        uint64_t n = ct_div_round_up(len, q->cluster_size);
+        int r = qcow2_alloc_clusters(q, n, &off);
+        if (r < 0) {
+            return r;
+        }
+    }
+    *out = off;
+    q->cfree_off = off + len;
+    return 0;
+}
+
+int qcow2_pwrite_compressed(struct qcow2_state *q, const uint8_t *buf, uint64_t off)
+{
+    struct ct_image *img = q->img;
+    int r = qcow2_mark_dirty(q);
+    if (r < 0) {
+        return r;
+    }
+    uint64_t cap = q->cluster_size - 512; /* must save at least a sector to be worth it */
+    uint8_t *out = malloc(q->cluster_size);
+    if (!out) {
+        return -ENOMEM;
+    }
+    size_t clen = 0;
+    r = qcow2_compress(q->compression_type, buf, q->cluster_size, out, cap, &clen);
+    if (r == -ENOSPC) {
+        free(out);
+        return qcow2_pwrite(img, buf, CT_MIN(q->cluster_size, img->size - off), off);
+    }
+    uint64_t host = 0;
+    if (r == 0) {
+        r = alloc_bytes(q, clen, &host);
+    }
+    if (r == 0) {
+        r = write_host(q, out, clen, host);
+    }
+    free(out);
+    if (r < 0) {
+        return r;
+    }
+    struct qcow2_cache_entry *e;
+    r = l2_table_write(q, off, &e);
+    if (r < 0) {
+        return r;
+    }
+    uint64_t idx = l2_index(q, off);
+    uint64_t old = l2_get(q, e->table, idx), soff, slen;
+    entry_storage(q, old, &soff, &slen);
+    uint64_t nsect = ((host + clen + 511) >> 9) - (host >> 9) - 1;
+    uint64_t desc = QCOW2_OFLAG_COMPRESSED | (nsect << q->csize_shift) | host;
+    l2_set(q, e, idx, desc, 0);
+    qcow2_cache_put(&q->l2_cache, e);
+    q->cbuf_entry = 0;
+    return slen ? qcow2_free_later(q, soff, slen) : 0;
+}

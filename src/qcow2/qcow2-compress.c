@@ -58,3 +58,35 @@ int qcow2_decompress(int type, const uint8_t *in, size_t in_len, uint8_t *out, s
 {
     return type == 1 ? unzstd(in, in_len, out, out_len) : inflate_raw(in, in_len, out, out_len);
 }
+
+static int deflate_raw(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_cap,
+                       size_t *out_len)
+{
+    z_stream s = {0};
+    if (deflateInit2(&s, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) != Z_OK) {
+        return -ENOMEM;
+    }
+    s.next_in = (Bytef *)in;
+    s.avail_in = (uInt)in_len;
+    s.next_out = out;
+    s.avail_out = (uInt)out_cap;
+    int zr = deflate(&s, Z_FINISH);
+    int r = zr == Z_STREAM_END ? 0 : -ENOSPC;
+    *out_len = out_cap - s.avail_out;
+    deflateEnd(&s);
+    return r;
+}
+
+int qcow2_compress(int type, const uint8_t *in, size_t in_len, uint8_t *out, size_t out_cap,
+                   size_t *out_len)
+{
+    if (type == 1) {
+        size_t n = ZSTD_compress(out, out_cap, in, in_len, 3);
+        if (ZSTD_isError(n)) {
+            return -ENOSPC;
+        }
+        *out_len = n;
+        return 0;
+    }
+    return deflate_raw(in, in_len, out, out_cap, out_len);
+}

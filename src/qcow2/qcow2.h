@@ -157,6 +157,7 @@ struct qcow2_state {
     uint32_t *repair_refs; /* during repair: computed references (allocator treats >0 as used) */
     uint64_t repair_nclusters;
 
+    uint64_t cfree_off; /* next free byte in the cluster compressed data is packed into, 0 = none */
     uint64_t host_end; /* bytes: max(file size at open, end of every cluster allocated since) */
     uint8_t *zeros;    /* one cluster of zeros */
     uint64_t cbuf_entry; /* L2 entry of the cluster held decompressed in cbuf, 0 = none */
@@ -234,6 +235,7 @@ int qcow2_pread_raw(struct qcow2_state *q, void *buf, uint64_t len, uint64_t off
 int qcow2_pwrite(struct ct_image *img, const void *buf, uint64_t len, uint64_t off);
 int qcow2_pwrite_zeroes(struct ct_image *img, uint64_t len, uint64_t off, unsigned flags);
 int qcow2_discard(struct ct_image *img, uint64_t len, uint64_t off);
+int qcow2_pwrite_compressed(struct qcow2_state *q, const uint8_t *buf, uint64_t off);
 int qcow2_block_status(struct ct_image *img, uint64_t off, uint64_t len, struct ct_extent *out);
 /* Drop every cluster in [off, off+len) (whole clusters): entries become 0 (full discard). */
 int qcow2_discard_range(struct qcow2_state *q, uint64_t off, uint64_t len, bool full);
@@ -245,6 +247,9 @@ void qcow2_compressed_range(struct qcow2_state *q, uint64_t l2e, uint64_t *off, 
 /* ---- qcow2-compress.c ---- */
 
 int qcow2_decompress(int type, const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len);
+/* Returns -ENOSPC when the result would not fit in out_cap (store uncompressed then). */
+int qcow2_compress(int type, const uint8_t *in, size_t in_len, uint8_t *out, size_t out_cap,
+                   size_t *out_len);
 
 /* ---- qcow2-check.c ---- */
 

@@ -548,7 +548,7 @@ def step(ct_io, cd, qd, cmds, what):
     rc, out = run([ct_io, "-f", "qcow2"] + args + ["top.qcow2"], cd, check_rc=False)
     if rc != 0 or "verification failed" in out:
         raise Failure("%s: cowtree-io (%d commands) rc=%d\n%s" % (what, len(cmds), rc, tail(out)))
-    rc, out = run(["qemu-io", "-f", "qcow2"] + args + ["top.qcow2"], qd, check_rc=False)
+    rc, out = run(["qemu-io", "-t", "unsafe", "-f", "qcow2"] + args + ["top.qcow2"], qd, check_rc=False)
     if rc != 0 or "verification failed" in out:
         raise Failure("%s: qemu-io twin rc=%d (model or test bug)\n%s" % (what, rc, tail(out)))
     rc, out = run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2",
