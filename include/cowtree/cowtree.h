@@ -214,6 +214,12 @@ int ct_snapshot_create(struct ct_image *img, const char *name,
 /* Make the snapshot's state the active state (the virtual size becomes the snapshot's). */
 int ct_snapshot_apply(struct ct_image *img, const char *name_or_id, struct ct_err *err);
 int ct_snapshot_delete(struct ct_image *img, const char *name_or_id, struct ct_err *err);
+/* Extents whose content may differ between snapshot `from` and snapshot `to` (NULL: the
+ * active state), found from metadata alone, reported in ascending order and merged. Every
+ * differing byte lies in a reported extent. fn returning < 0 stops the walk with that code. */
+typedef int (*ct_extent_fn)(void *opaque, uint64_t off, uint64_t len);
+int ct_snapshot_diff(struct ct_image *img, const char *from, const char *to, ct_extent_fn fn,
+                     void *opaque, struct ct_err *err);
 /* Read [off, off+len) of the snapshot's saved memory state. */
 int ct_snapshot_read_vmstate(struct ct_image *img, const char *name_or_id, void *buf, uint64_t len,
                              uint64_t off, struct ct_err *err);

@@ -510,6 +510,8 @@ static const struct {
     {"resize", img_resize, "resize [--shrink] [-f FMT] FILE [+|-]SIZE"},
     {"snapshot", img_snapshot,
      "snapshot [-l | -c NAME [--vmstate FILE] | -a NAME | -d NAME | --dump-vmstate NAME OUT] FILE"},
+    {"diff", img_diff, "diff [--output=human|json] FILE FROM [TO]"},
+    {"split", img_split, "split [-B BASE -F FMT] FILE SNAPSHOT NEW"},
 #include "cli/img-chain-verbs.inc"
     {"bench", img_bench, "bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFF] [-w] FILE"},
 };

@@ -650,3 +650,10 @@ int ct_image_pwrite_compressed(struct ct_image *img, const void *buf, uint64_t l
     free(full);
     return r;
 }
+
+int ct_snapshot_diff(struct ct_image *img, const char *from, const char *to, ct_extent_fn fn,
+                     void *opaque, struct ct_err *err)
+{
+    struct qcow2_state *q = snapshot_state(img, false, err);
+    return q ? qcow2_snapshot_diff(q, from, to, fn, opaque, err) : err ? err->code : -EINVAL;
+}

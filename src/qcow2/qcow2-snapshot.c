@@ -823,3 +823,40 @@ int qcow2_snapshot_read_vmstate(struct qcow2_state *q, const char *key, void *bu
     free(t);
     return r < 0 ? ct_err_set(err, r, "could not read the VM state: %s", ct_strerror(r)) : 0;
 }
+
+int qcow2_snapshot_diff(struct qcow2_state *q, const char *from, const char *to,
+                        qcow2_diff_fn fn, void *opaque, struct ct_err *err)
+{
+    int ia = qcow2_snapshot_find(q, from, err);
+    if (ia < 0) {
+        return ia;
+    }
+    int ib = -1;
+    if (to) {
+        ib = qcow2_snapshot_find(q, to, err);
+        if (ib < 0) {
+            return ib;
+        }
+    }
+    int r = q->img->writable ? qcow2_flush_metadata(q) : 0;
+    const struct qcow2_snapshot *sa = &q->snapshots[ia];
+    uint64_t *a = NULL, *b = NULL;
+    if (r == 0) {
+        r = load_l1(q, sa->l1_offset, sa->l1_size, &a);
+    }
+    uint32_t nb = q->l1_size;
+    uint64_t size_b = q->img->size;
+    if (r == 0 && ib >= 0) {
+        const struct qcow2_snapshot *sb = &q->snapshots[ib];
+        r = load_l1(q, sb->l1_offset, sb->l1_size, &b);
+        nb = sb->l1_size;
+        size_b = sb->disk_size;
+    }
+    if (r == 0) {
+        r = qcow2_diff_l1(q, a, sa->l1_size, b ? b : q->l1, nb, sa->disk_size, size_b, fn,
+                          opaque);
+    }
+    free(a);
+    free(b);
+    return r < 0 ? ct_err_set(err, r, "diff failed: %s", ct_strerror(r)) : 0;
+}

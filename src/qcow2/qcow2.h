@@ -32,6 +32,8 @@
 
 struct qcow2_state;
 
+typedef int (*qcow2_diff_fn)(void *opaque, uint64_t off, uint64_t len);
+
 /* ---- qcow2-cache.c: bounded LRU cache of cluster-sized tables (L2 tables, refblocks) ---- */
 
 enum qcow2_cache_kind { QCOW2_CACHE_L2, QCOW2_CACHE_REFBLOCK };
@@ -196,6 +198,9 @@ int qcow2_snapshot_delete(struct qcow2_state *q, const char *key, struct ct_err 
 int qcow2_snapshot_apply(struct qcow2_state *q, const char *key, struct ct_err *err);
 /* Make a read-only handle show the snapshot's state (open with opts->snapshot). */
 int qcow2_snapshot_use_for_read(struct qcow2_state *q, const char *key, struct ct_err *err);
+/* Diff between snapshot `from` and snapshot `to` (NULL: the active state). */
+int qcow2_snapshot_diff(struct qcow2_state *q, const char *from, const char *to,
+                        qcow2_diff_fn fn, void *opaque, struct ct_err *err);
 int qcow2_snapshot_read_vmstate(struct qcow2_state *q, const char *key, void *buf, uint64_t len,
                                 uint64_t off, struct ct_err *err);
 
@@ -250,6 +255,12 @@ int qcow2_decompress(int type, const uint8_t *in, size_t in_len, uint8_t *out, s
 /* Returns -ENOSPC when the result would not fit in out_cap (store uncompressed then). */
 int qcow2_compress(int type, const uint8_t *in, size_t in_len, uint8_t *out, size_t out_cap,
                    size_t *out_len);
+
+/* ---- qcow2-diff.c ---- */
+
+/* Report (merged, ascending) the guest extents that may differ between two L1 tables. */
+int qcow2_diff_l1(struct qcow2_state *q, const uint64_t *a, uint32_t na, const uint64_t *b,
+                  uint32_t nb, uint64_t size_a, uint64_t size_b, qcow2_diff_fn fn, void *opaque);
 
 /* ---- qcow2-check.c ---- */
 

@@ -177,6 +177,22 @@ def qemu_raw(path, out_path, cwd=None):
     return data, r
 
 
+def qcow2_header(path):
+    """A few fixed header fields of a qcow2 file."""
+    import struct
+    with open(path, "rb") as f:
+        h = f.read(104)
+    if len(h) < 72 or h[:4] != b"QFI\xfb":
+        return None
+    ver, = struct.unpack(">I", h[4:8])
+    size, = struct.unpack(">Q", h[24:32])
+    l1_size, l1_off, rt_off, rt_clusters = struct.unpack(">IQQI", h[36:60])
+    return {"version": ver, "size": size, "l1_size": l1_size, "l1_offset": l1_off,
+            "reftable_offset": rt_off, "reftable_clusters": rt_clusters,
+            "incompat": struct.unpack(">Q", h[72:80])[0] if ver >= 3 and len(h) >= 80 else 0,
+            "file_size": os.path.getsize(path)}
+
+
 def summarize_bytes(b):
     """Run-length summary of a sector, e.g. '0x41*300 0x00*212'."""
     out = []
@@ -316,8 +332,9 @@ def parse_progress(out):
 
 class Variant:
     def __init__(self, name, create_opts, cluster_size, size=4 * MiB, grow_to=6 * MiB,
-                 seed=1, big_write=0, nseg=10):
+                 seed=1, big_write=0, nseg=10, backing=True):
         self.name, self.create_opts, self.cluster_size = name, create_opts, cluster_size
+        self.backing = backing
         self.size, self.grow_to, self.seed, self.big_write, self.nseg = (
             size, grow_to, seed, big_write, nseg)
         self.v2 = "compat=0.10" in create_opts or "compat=v2" in create_opts
@@ -327,19 +344,23 @@ def default_variants():
     seed = int(os.environ.get("COWTREE_CRASH_SEED", "1"))
     vs = [
         Variant("v3", "compat=1.1,cluster_size=1024", 1024, seed=seed),
-        # v2 with the smallest clusters: many L2 tables and refcount blocks, and the host file
-        # grows past what the first refcount table covers (64 refblocks x 256 x 512 B = 8 MiB),
-        # so the refcount table moves during the workload.
-        Variant("v2", "compat=0.10,cluster_size=512", 512, size=4 * MiB, grow_to=14 * MiB,
-                seed=seed + 1, big_write=7 * MiB),
+        # v2 with the smallest clusters: many L2 tables and refcount blocks.
+        Variant("v2", "compat=0.10,cluster_size=512", 512, seed=seed + 1),
         Variant("extl2", "extended_l2=on,cluster_size=16k", 16384, seed=seed + 2),
+        # 64-bit refcounts in 512-byte clusters: one refcount block covers 64 clusters and the
+        # first refcount table 2 MiB of file, so the refcount table moves (twice) during the
+        # workload.  No backing file (a 512-byte first cluster has no room for the backing
+        # format extension next to the feature table).
+        Variant("v3-reftable", "compat=1.1,cluster_size=512,refcount_bits=64", 512,
+                size=4 * MiB, grow_to=8 * MiB, seed=seed + 3, big_write=3 * MiB,
+                backing=False),
     ]
     if long_mode():
         vs += [
             Variant("v3-64k", "compat=1.1", 65536, size=8 * MiB, grow_to=12 * MiB,
-                    seed=seed + 3),
-            Variant("v3-rc8", "compat=1.1,cluster_size=2048,refcount_bits=8", 2048,
                     seed=seed + 4),
+            Variant("v3-rc8", "compat=1.1,cluster_size=2048,refcount_bits=8", 2048,
+                    seed=seed + 5),
         ]
     only = os.environ.get("COWTREE_CRASH_VARIANTS")
     if only:
@@ -363,6 +384,8 @@ class Scenario:
         self.recipe = []  # (env, argv) with relative file names, run in an empty directory
         self.trial_seq = 0
         self.setup_problems = []
+        self.headers = {}
+        self.coverage = ""
         self.soft_problems = []  # failures that do not invalidate the oracle
 
     # -- starting image ------------------------------------------------------------------
@@ -386,13 +409,17 @@ class Scenario:
         ]
         for argv in (["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", str(sz)],
                      ["qemu-io", "-f", "qcow2"] + base_cmds + ["base.qcow2"]):
+            if not v.backing:
+                break
             must(run(argv, cwd=self.start_dir), "building the backing file")
             self.recipe.append(argv)
+        bopts = ["-b", "base.qcow2", "-F", "qcow2"] if v.backing else []
+        bsize = [] if v.backing else [str(sz)]
         # The overlay is made by cowtree-img.  If that does not give a usable overlay (a bug,
         # recorded in setup_problems so the test fails), fall back to qemu-img create so that
         # the crash points can still be exercised.
-        create = [t.img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o",
-                  v.create_opts, "ov.qcow2"]
+        create = [t.img, "create", "-q", "-f", "qcow2"] + bopts + ["-o", v.create_opts,
+                                                                   "ov.qcow2"] + bsize
         r = run(create, cwd=self.start_dir)
         why = None
         if r.rc != 0:
@@ -406,7 +433,8 @@ class Scenario:
                 qi = {}
             if r2.rc != 0:
                 why = "made an overlay cowtree-io cannot open: " + r2.describe()
-            elif qi.get("backing-filename") != "base.qcow2" or qi.get("virtual-size") != sz:
+            elif qi.get("backing-filename") != ("base.qcow2" if v.backing else None) or \
+                    qi.get("virtual-size") != sz:
                 why = ("made an overlay that qemu-img info reads with backing file %r and size "
                        "%r (want 'base.qcow2', %d)" % (qi.get("backing-filename"),
                                                         qi.get("virtual-size"), sz))
@@ -416,8 +444,8 @@ class Scenario:
                 "kill points anyway)" % (cmdline(create), why))
             if os.path.exists(os.path.join(self.start_dir, "ov.qcow2")):
                 os.unlink(os.path.join(self.start_dir, "ov.qcow2"))
-            create = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
-                      "qcow2", "-o", v.create_opts, "ov.qcow2"]
+            create = ["qemu-img", "create", "-q", "-f", "qcow2"] + bopts + [
+                "-o", v.create_opts, "ov.qcow2"] + bsize
             must(run(create, cwd=self.start_dir), "qemu-img create of the overlay")
         self.recipe.append(create)
         argv = [t.io] + sum((["-c", c] for c in ov_init), []) + ["ov.qcow2"]
@@ -427,8 +455,11 @@ class Scenario:
         if rc != 0:
             raise RuntimeError("starting image of %s does not check clean: %s" % (
                 v.name, check_summary(rc, info, human)))
-        self.base_raw, _ = qemu_raw("base.qcow2", os.path.join(self.start_dir, "base.raw"),
-                                    cwd=self.start_dir)
+        if v.backing:
+            self.base_raw, _ = qemu_raw("base.qcow2", os.path.join(self.start_dir, "base.raw"),
+                                        cwd=self.start_dir)
+        else:
+            self.base_raw = b""
         s0, r = qemu_raw("ov.qcow2", os.path.join(self.start_dir, "s0.raw"), cwd=self.start_dir)
         if s0 is None:
             raise RuntimeError("qemu-img convert of the starting image failed: " + r.describe())
@@ -440,7 +471,8 @@ class Scenario:
         self.trial_seq += 1
         d = os.path.join(self.dir, "%s-%d" % (tag, self.trial_seq))
         os.makedirs(d)
-        os.symlink(os.path.join(self.start_dir, "base.qcow2"), os.path.join(d, "base.qcow2"))
+        if self.v.backing:
+            os.symlink(os.path.join(self.start_dir, "base.qcow2"), os.path.join(d, "base.qcow2"))
         shutil.copyfile(os.path.join(self.start_dir, "ov.qcow2"), os.path.join(d, "ov.qcow2"))
         return d
 
@@ -478,21 +510,30 @@ class Scenario:
                 shutil.rmtree(d)
                 return i, counts, None, ("after a clean run of the first %d commands qemu-img "
                                          "check: %s" % (i, check_summary(rc, info, human)))
+            hdr = qcow2_header(os.path.join(d, "ov.qcow2"))
             raw, rr = qemu_raw("ov.qcow2", os.path.join(d, "img.raw"), cwd=d)
             path = os.path.join(d, "state.raw")
             with open(path, "wb") as f:
                 f.write(raw)
             os.unlink(os.path.join(d, "ov.qcow2"))
-            return i, counts, path, None
+            return i, counts, (path, hdr), None
 
         results = {}
         with concurrent.futures.ThreadPoolExecutor(self.t.jobs) as ex:
             for i, counts, path, err in ex.map(prefix, range(1, n + 1)):
-                results[i] = (counts, path)
+                results[i] = (counts, path[0] if path else None)
+                if path:
+                    self.headers[i] = path[1]
                 if err:
                     problems.append(err)
         if problems:
             return problems
+        h0 = qcow2_header(os.path.join(self.start_dir, "ov.qcow2"))
+        l1s = {h0["l1_offset"]} | {h["l1_offset"] for h in self.headers.values()}
+        rts = {h0["reftable_offset"]} | {h["reftable_offset"] for h in self.headers.values()}
+        self.coverage = ("file grows %d -> %d bytes; L1 table at %d place(s), refcount table at "
+                         "%d place(s)" % (h0["file_size"], self.headers[n]["file_size"],
+                                          len(l1s), len(rts)))
         self.counts = [(0, 0)] + [results[i][0] for i in range(1, n + 1)]
         self.total_writes, self.total_flushes = self.counts[n]
 

@@ -86,9 +86,10 @@ def main():
         if scn.soft_problems:
             rep.fail("%s clean workload" % v.name, scn.soft_problems, scn.repro({}))
         ks = choose_ks(scn)
-        cl.log("%s (-o %s): %d commands in %d segments; clean run makes %d writes, %d flushes; "
-               "trying %d write and %d flush kill points" % (
-                   v.name, v.create_opts, scn.n, len(scn.flush_indices()), scn.total_writes,
+        cl.log("%s (-o %s): %d commands in %d segments (%s); clean run makes %d writes, "
+               "%d flushes; trying %d write and %d flush kill points" % (
+                   v.name, v.create_opts, scn.n, len(scn.flush_indices()), scn.coverage,
+                   scn.total_writes,
                    scn.total_flushes, sum(1 for x in ks if x[0] == "write"),
                    sum(1 for x in ks if x[0] == "flush")))
         results = cl.parallel(tools, lambda x: kill_trial(scn, *x), ks)
