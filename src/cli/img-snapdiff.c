@@ -114,12 +114,12 @@ static int copy_range(struct ct_image *src, struct ct_image *dst, struct ct_imag
             }
             /* Only the sub-chunks (64 KiB) that differ go into the overlay. */
             for (uint64_t o = 0; o < n; o += 65536) {
-                uint64_t m = n - o < 65536 ? n - o : 65536;
-                if (memcmp(a + o, b + o, m) == 0) {
+                uint64_t sub = n - o < 65536 ? n - o : 65536;
+                if (memcmp(a + o, b + o, sub) == 0) {
                     continue;
                 }
-                r = is_zero(a + o, m) ? ct_image_pwrite_zeroes(dst, m, off + o, 0)
-                                      : ct_image_pwrite(dst, a + o, m, off + o, 0);
+                r = is_zero(a + o, sub) ? ct_image_pwrite_zeroes(dst, sub, off + o, 0)
+                                        : ct_image_pwrite(dst, a + o, sub, off + o, 0);
                 if (r < 0) {
                     return r;
                 }
