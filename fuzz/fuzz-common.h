@@ -33,6 +33,12 @@ struct fz_report {
     char text[4096];
     size_t used;
     unsigned lines;
+    /* "ERROR" lines, and among them OFLAG_COPIED findings in the harmless direction: the
+     * flag is missing on a cluster whose refcount is 1 (writes then copy needlessly). Such
+     * findings are a normal outcome of sharing between structures of different kinds (a data
+     * cluster inside a compressed cluster's range) once one of the referrers goes away; QEMU
+     * behaves the same. The opposite direction (COPIED on a shared cluster) is never benign. */
+    unsigned errors, benign;
 };
 void fz_report_cb(void *opaque, const char *line);
 

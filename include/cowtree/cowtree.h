@@ -113,6 +113,17 @@ int ct_image_change_backing(struct ct_image *img, const char *backing, const cha
  * (qemu-img commit's emptying of the top image). qcow2 only. */
 int ct_image_make_empty(struct ct_image *img, struct ct_err *err);
 
+/* Give free space back to the filesystem (qcow2): move clusters from the end of the file
+ * into free space, truncate, punch holes for the rest. Crash-safe at every step; the content
+ * of the active state and of every snapshot is unchanged. Reports bytes the file occupied on
+ * disk before and after. */
+struct ct_compact_result {
+    uint64_t clusters_moved;
+    uint64_t file_size_before, file_size_after;
+    uint64_t allocated_before, allocated_after;
+};
+int ct_image_compact(struct ct_image *img, struct ct_compact_result *res, struct ct_err *err);
+
 /* Allocation status of one layer (the image itself, not its backing). */
 enum ct_status_flags {
     CT_STATUS_ALLOCATED = 1u << 0, /* this layer decides the content (data or zero) */

@@ -511,6 +511,7 @@ static const struct {
     {"snapshot", img_snapshot,
      "snapshot [-l | -c NAME [--vmstate FILE] | -a NAME | -d NAME | --dump-vmstate NAME OUT] FILE"},
     {"diff", img_diff, "diff [--output=human|json] FILE FROM [TO]"},
+    {"compact", img_compact, "compact [-q] FILE"},
     {"split", img_split, "split [-B BASE -F FMT] FILE SNAPSHOT NEW"},
 #include "cli/img-chain-verbs.inc"
     {"bench", img_bench, "bench [-c N] [-d DEPTH] [-s SIZE] [-S STEP] [-o OFF] [-w] FILE"},

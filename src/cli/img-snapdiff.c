@@ -232,3 +232,49 @@ int img_split(int argc, char **argv)
     }
     return r < 0 ? 1 : 0;
 }
+
+int img_compact(int argc, char **argv)
+{
+    bool quiet = false;
+    int c;
+    while ((c = getopt(argc, argv, "+q")) != -1) {
+        if (c != 'q') {
+            cli_error("usage: compact [-q] FILE");
+            return 1;
+        }
+        quiet = true;
+    }
+    if (argc - optind != 1) {
+        cli_error("usage: compact [-q] FILE");
+        return 1;
+    }
+    const char *file = argv[optind];
+    struct ct_image *img = img_open(file, "qcow2", CT_OPEN_WRITE | CT_OPEN_NO_BACKING);
+    if (!img) {
+        return 1;
+    }
+    struct ct_compact_result res;
+    struct ct_err err = {0};
+    int r = ct_image_compact(img, &res, &err);
+    if (r < 0) {
+        cli_error_err(file, &err);
+    }
+    if (ct_image_close(img, &err) < 0 && r == 0) {
+        cli_error_err(file, &err);
+        r = -EIO;
+    }
+    if (r == 0 && !quiet) {
+        char a[32], b[32], d[32], e[32], f[32];
+        printf("Moved %" PRIu64 " clusters; file size %s -> %s; disk usage %s -> %s "
+               "(%s reclaimed)\n",
+               res.clusters_moved, cli_size_str(res.file_size_before, a, sizeof(a)),
+               cli_size_str(res.file_size_after, b, sizeof(b)),
+               cli_size_str(res.allocated_before, d, sizeof(d)),
+               cli_size_str(res.allocated_after, e, sizeof(e)),
+               cli_size_str(res.allocated_before > res.allocated_after
+                                ? res.allocated_before - res.allocated_after
+                                : 0,
+                            f, sizeof(f)));
+    }
+    return r < 0 ? 1 : 0;
+}

@@ -10,6 +10,7 @@ int img_bench(int argc, char **argv);
 int img_snapshot(int argc, char **argv);
 int img_diff(int argc, char **argv);
 int img_split(int argc, char **argv);
+int img_compact(int argc, char **argv);
 
 #include <json-c/json.h>
 void img_print_snapshots_human(struct ct_image *img);

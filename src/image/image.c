@@ -657,3 +657,25 @@ int ct_snapshot_diff(struct ct_image *img, const char *from, const char *to, ct_
     struct qcow2_state *q = snapshot_state(img, false, err);
     return q ? qcow2_snapshot_diff(q, from, to, fn, opaque, err) : err ? err->code : -EINVAL;
 }
+
+int ct_image_compact(struct ct_image *img, struct ct_compact_result *res, struct ct_err *err)
+{
+    struct qcow2_state *q = snapshot_state(img, true, err);
+    memset(res, 0, sizeof(*res));
+    if (!q) {
+        return err ? err->code : -EINVAL;
+    }
+    int64_t s = ct_file_size(img->file), a = ct_file_allocated(img->file);
+    res->file_size_before = s > 0 ? (uint64_t)s : 0;
+    res->allocated_before = a > 0 ? (uint64_t)a : 0;
+    uint64_t end = 0;
+    int r = qcow2_compact(q, &res->clusters_moved, &end);
+    if (r < 0) {
+        return ct_err_set(err, r, "compaction failed: %s", ct_strerror(r));
+    }
+    s = ct_file_size(img->file);
+    a = ct_file_allocated(img->file);
+    res->file_size_after = s > 0 ? (uint64_t)s : 0;
+    res->allocated_after = a > 0 ? (uint64_t)a : 0;
+    return 0;
+}

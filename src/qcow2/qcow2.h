@@ -262,6 +262,11 @@ int qcow2_compress(int type, const uint8_t *in, size_t in_len, uint8_t *out, siz
 int qcow2_diff_l1(struct qcow2_state *q, const uint64_t *a, uint32_t na, const uint64_t *b,
                   uint32_t nb, uint64_t size_a, uint64_t size_b, qcow2_diff_fn fn, void *opaque);
 
+/* ---- qcow2-compact.c ---- */
+
+/* Move clusters down, truncate, punch holes; returns clusters moved and the new file end. */
+int qcow2_compact(struct qcow2_state *q, uint64_t *moved, uint64_t *new_end);
+
 /* ---- qcow2-check.c ---- */
 
 int qcow2_check(struct ct_image *img, unsigned fix, struct ct_check_result *res,

@@ -28,7 +28,9 @@ at() { step="$*"; echo "== $step"; }
 snap_requirements() {
     requires qemu-img qemu-io python3 sha256sum cmp
     [ -x "$CT_IMG" ] && [ -x "$CT_IO" ] || skip "cowtree-img/cowtree-io not built in $COWTREE_BUILD"
-    "$CT_IMG" 2>&1 | grep -q '^  snapshot ' || skip "$COWTREE_BUILD/cowtree-img has no snapshot verb (stale build)"
+    local usage
+    usage=$("$CT_IMG" 2>&1 || true)
+    grep -q '^  snapshot ' <<<"$usage" || skip "$COWTREE_BUILD/cowtree-img has no snapshot verb (stale build)"
 }
 
 st() { echo "$T/st/$(basename "$1")"; }
