@@ -79,8 +79,9 @@ static const char *const op_names[16] = {
 /* FUZZ_AVOID names (see fuzz-common.h): known bugs the decoding can steer around.
  *   v2-backing   compat=0.10 images with a backing file (header extensions clobbered)
  *   prealloc-metadata  preallocation=metadata (the file is not extended to the clusters)
- *   v3-512-backing     compat=1.1, 512-byte clusters and a backing file (create fails) */
-static bool avoid_v2_backing, avoid_prealloc_metadata, avoid_v3_512_backing;
+ *   v3-512-backing     compat=1.1, 512-byte clusters and a backing file (create fails)
+ *   grow-backing       growing over a longer backing file (its stale data shows through) */
+static bool avoid_v2_backing, avoid_prealloc_metadata, avoid_v3_512_backing, avoid_grow_backing;
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
@@ -90,6 +91,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     avoid_v2_backing = fz_avoid("v2-backing");
     avoid_prealloc_metadata = fz_avoid("prealloc-metadata");
     avoid_v3_512_backing = fz_avoid("v3-512-backing");
+    avoid_grow_backing = fz_avoid("grow-backing");
     /* Count I/O calls from the start so "fault" can name the k-th next one. */
     ct_fault_configure("count");
     return 0;
@@ -800,6 +802,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 8: {
             uint64_t s = gen_size(&m, &in);
             off = s;
+            if (avoid_grow_backing && s > m.size && m.base_vis < m.base_size) {
+                continue;
+            }
             if (s < m.size) {
                 m_dirty(&m, s / PAGE * PAGE, PAGE);
             }
