@@ -41,7 +41,7 @@
 #define MAX_ZERO (8u << 20)
 #define MAX_WRITTEN (16u << 20)
 #define MAX_OPS 96
-#define MAX_CRASH 3
+#define MAX_CRASH 2
 #define FULL_VERIFY_LIMIT (16u << 20)
 #define VERIFY_BUDGET (32u << 20)
 #define PREALLOC_LIMIT (8u << 20)
@@ -465,17 +465,15 @@ static void crash_verify(const struct model *m, int fd, const char *why)
     verify_all(img, m, cmp, ctx, true);
     ct_image_close(img, NULL);
 
+    /* A compat=1.1 image carries the dirty bit, so the read-write open repairs it; a
+     * compat=0.10 image has no dirty bit and may keep its leaks. (Each check walks every
+     * refcount, so they are kept to what the oracle needs: they dominate the run time.) */
     snprintf(ctx, sizeof(ctx), "%s, opened read-write (repair)", why);
     img = open_img(path, CT_OPEN_WRITE, 0, true, ctx);
-    struct ct_check_result res;
     struct ct_err err = {0};
-    int r = ct_image_check(img, CT_FIX_ALL, &res, NULL, NULL, &err);
-    if (r < 0) {
-        fz_die("%s: check -r all failed: %s", ctx, err.msg);
-    }
-    check_clean(img, false, ctx);
+    check_clean(img, m->version == 2, ctx);
     verify_all(img, m, cmp, ctx, true);
-    r = ct_image_close(img, &err);
+    int r = ct_image_close(img, &err);
     if (r < 0) {
         fz_die("%s: close failed: %s", ctx, err.msg);
     }

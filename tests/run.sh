@@ -28,9 +28,9 @@ export COWTREE_TOP="$top"
 total_pass=0 total_fail=0 total_skip=0
 for build in "${builds[@]}"; do
 export COWTREE_BUILD="$build"
-out="$top/tests/out/$(basename "$build")"
-rm -rf "$out"
-mkdir -p "$out"
+CT_RUN_OUT="$top/tests/out/$(basename "$build")"
+rm -rf "$CT_RUN_OUT"
+mkdir -p "$CT_RUN_OUT"
 echo "== tests against $(basename "$build") =="
 
 tests=()
@@ -51,25 +51,25 @@ fi
 run_one() {
     local t=$1 name log rc start
     name=$(basename "$(dirname "$t")")-$(basename "$t")
-    log="$out/$name.log"
+    log="$CT_RUN_OUT/$name.log"
     start=$(date +%s)
-    (cd "$top" && TMPDIR=$(mktemp -d) && export TMPDIR && "$t"; rc=$?; rm -rf "$TMPDIR"; exit $rc) >"$log" 2>&1
+    (cd "$COWTREE_TOP" && TMPDIR=$(mktemp -d) && export TMPDIR && "$t"; rc=$?; rm -rf "$TMPDIR"; exit $rc) >"$log" 2>&1
     rc=$?
     echo "$rc $(($(date +%s) - start)) $name" >"$log.rc"
 }
 export -f run_one
-export out top
+export CT_RUN_OUT
 
 [ ${#tests[@]} -gt 0 ] && printf '%s\n' "${tests[@]}" | xargs -P "$jobs" -I{} bash -c 'run_one "$@"' _ {}
 
 pass=0 fail=0 skip=0
 for t in "${tests[@]}"; do
     name=$(basename "$(dirname "$t")")-$(basename "$t")
-    read -r rc secs _ <"$out/$name.log.rc"
+    read -r rc secs _ <"$CT_RUN_OUT/$name.log.rc"
     case "$rc" in
     0) pass=$((pass + 1)); echo "PASS $name (${secs}s)" ;;
-    77) skip=$((skip + 1)); echo "SKIP $name: $(tail -1 "$out/$name.log")" ;;
-    *) fail=$((fail + 1)); echo "FAIL $name (rc=$rc, ${secs}s)"; sed 's/^/    | /' "$out/$name.log" | tail -40 ;;
+    77) skip=$((skip + 1)); echo "SKIP $name: $(tail -1 "$CT_RUN_OUT/$name.log")" ;;
+    *) fail=$((fail + 1)); echo "FAIL $name (rc=$rc, ${secs}s)"; sed 's/^/    | /' "$CT_RUN_OUT/$name.log" | tail -40 ;;
     esac
 done
 total_pass=$((total_pass + pass)) total_fail=$((total_fail + fail)) total_skip=$((total_skip + skip))

@@ -30,6 +30,7 @@ struct check {
     void *opaque;
     uint64_t file_size;
     uint8_t *table; /* one cluster, scratch */
+    bool refblocks_bad; /* a refcount block is unusable: rebuild instead of patching */
 };
 
 static void say(struct check *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -217,21 +218,156 @@ static int count_refs(struct check *c)
         }
         ref_range(c, q->snapshots_offset, len, "snapshot table");
     }
-    ref_range(c, q->reftable_offset, (uint64_t)q->reftable_clusters << q->cluster_bits,
-              "refcount table");
-    for (uint64_t i = 0; i < q->reftable_entries; i++) {
+    if (!q->reftable_broken) {
+        ref_range(c, q->reftable_offset, (uint64_t)q->reftable_clusters << q->cluster_bits,
+                  "refcount table");
+    }
+    for (uint64_t i = 0; !q->reftable_broken && i < q->reftable_entries; i++) {
         uint64_t rb = q->reftable[i] & QCOW2_REFT_OFFSET_MASK;
         if (rb) {
-            if (rb >= c->file_size) {
-                say(c, "ERROR refcount block %" PRIu64 " is outside image", i);
+            if (rb >= c->file_size || (rb & (q->cluster_size - 1))) {
+                say(c, "ERROR refcount block %" PRIu64 " is outside image or unaligned", i);
                 c->res->corruptions++;
+                c->refblocks_bad = true;
                 continue;
             }
             ref_range(c, rb, q->cluster_size, "refcount block");
         }
     }
     walk_bitmaps(c);
+    for (uint64_t i = 0; !q->reftable_broken && i < q->reftable_entries; i++) {
+        uint64_t rb = (q->reftable[i] & QCOW2_REFT_OFFSET_MASK) >> q->cluster_bits;
+        if (rb && rb < c->nclusters && c->refs[rb] > 1) {
+            say(c, "ERROR refcount block %" PRIu64 " at cluster %" PRIu64
+                   " overlaps other metadata or data",
+                i, rb);
+            c->res->corruptions++;
+            c->refblocks_bad = true;
+        }
+    }
+    /* Referenced clusters in a range without a refcount block: rebuild rather than patch. */
+    for (uint64_t k = 0; !q->reftable_broken && k < c->nclusters; k += q->refblock_entries) {
+        uint64_t rt = k / q->refblock_entries;
+        if (rt < q->reftable_entries && (q->reftable[rt] & QCOW2_REFT_OFFSET_MASK)) {
+            continue;
+        }
+        uint64_t e = CT_MIN(c->nclusters, k + q->refblock_entries);
+        for (uint64_t j = k; j < e; j++) {
+            if (c->refs[j]) {
+                say(c, "ERROR refcount block %" PRIu64 " is missing for cluster %" PRIu64, rt,
+                    j);
+                c->res->corruptions++;
+                c->refblocks_bad = true;
+                break;
+            }
+        }
+    }
     return 0;
+}
+
+/*
+ * Build new refcount structures from the counted references, placed after everything in use:
+ * new refcount blocks and a new table are written, then (barrier) the header switches to
+ * them. The old structures become unreferenced space.
+ */
+static int rebuild_refcounts(struct check *c)
+{
+    struct qcow2_state *q = c->q;
+    /* Counted references without the old refcount structures. */
+    if (!q->reftable_broken) {
+        uint64_t first = q->reftable_offset >> q->cluster_bits;
+        for (uint64_t k = 0; k < q->reftable_clusters && first + k < c->nclusters; k++) {
+            if (c->refs[first + k]) {
+                c->refs[first + k]--;
+            }
+        }
+        for (uint64_t i = 0; i < q->reftable_entries; i++) {
+            uint64_t rb = (q->reftable[i] & QCOW2_REFT_OFFSET_MASK) >> q->cluster_bits;
+            if (rb && rb < c->nclusters && c->refs[rb]) {
+                c->refs[rb]--;
+            }
+        }
+    }
+    uint64_t end = 1;
+    for (uint64_t k = 0; k < c->nclusters; k++) {
+        if (c->refs[k]) {
+            end = k + 1;
+            if (c->refs[k] > q->refcount_max) {
+                return -ERANGE;
+            }
+        }
+    }
+    end = CT_MAX(end, ct_div_round_up(c->file_size, q->cluster_size));
+    uint64_t epb = q->refblock_entries, per = q->cluster_size / 8;
+    uint64_t nb = 1, nt = 1;
+    for (;;) {
+        uint64_t total = end + nb + nt;
+        uint64_t nb2 = ct_div_round_up(total, epb), nt2 = ct_div_round_up(nb2, per);
+        if (nb2 <= nb && nt2 <= nt) {
+            break;
+        }
+        nb = CT_MAX(nb, nb2);
+        nt = CT_MAX(nt, nt2);
+    }
+    if (nt * q->cluster_size > QCOW2_MAX_REFTABLE_BYTES) {
+        return -EFBIG;
+    }
+    uint64_t blocks_at = end, table_at = end + nb;
+    uint64_t *table = calloc(nt * per, 8);
+    uint8_t *blk = calloc(1, q->cluster_size);
+    int r = table && blk ? 0 : -ENOMEM;
+    for (uint64_t b = 0; r == 0 && b < nb; b++) {
+        memset(blk, 0, q->cluster_size);
+        for (uint64_t k = 0; k < epb; k++) {
+            uint64_t cl = b * epb + k, v = cl < c->nclusters ? c->refs[cl] : 0;
+            if (cl >= end && cl < end + nb + nt) {
+                v = 1; /* the new blocks and table themselves */
+            }
+            if (v) {
+                qcow2_refblock_entry_set(q, blk, k, v);
+            }
+        }
+        table[b] = (blocks_at + b) << q->cluster_bits;
+        r = ct_file_pwrite(q->file, blk, q->cluster_size, (blocks_at + b) << q->cluster_bits);
+    }
+    uint64_t *be = r == 0 ? malloc(nt * q->cluster_size) : NULL;
+    if (r == 0 && !be) {
+        r = -ENOMEM;
+    }
+    for (uint64_t i = 0; r == 0 && i < nt * per; i++) {
+        be[i] = htobe64(table[i]);
+    }
+    if (r == 0) {
+        r = ct_file_pwrite(q->file, be, nt * q->cluster_size, table_at << q->cluster_bits);
+    }
+    free(be);
+    free(blk);
+    if (r == 0) {
+        q->unsynced = true;
+        r = qcow2_barrier(q);
+    }
+    if (r < 0) {
+        free(table);
+        return image_poison(q->img, r);
+    }
+    /* Switch: the header now names the new table (Q5). */
+    qcow2_cache_drop_all(&q->rb_cache);
+    free(q->reftable);
+    q->reftable = table;
+    q->reftable_entries = nt * per;
+    q->reftable_offset = table_at << q->cluster_bits;
+    q->reftable_clusters = (uint32_t)nt;
+    q->reftable_broken = false;
+    q->host_end = CT_MAX(q->host_end, (table_at + nt) << q->cluster_bits);
+    r = qcow2_write_header_fields(q, QH_REFTABLE_OFFSET, 12);
+    if (r == 0) {
+        r = qcow2_barrier(q);
+    }
+    int64_t fsz = ct_file_size(q->file);
+    if (fsz > 0) {
+        c->file_size = (uint64_t)fsz;
+    }
+    return r;
 }
 
 /* Compare counted references with stored refcounts; fix according to `fix`. */
@@ -358,7 +494,7 @@ int qcow2_check(struct ct_image *img, unsigned fix, struct ct_check_result *res,
                 ct_check_report_fn report, void *opaque, struct ct_err *err)
 {
     struct qcow2_state *q = qstate(img);
-    int r;
+    int r = 0;
     memset(res, 0, sizeof(*res));
     if (img->writable && !img->poison) {
         r = qcow2_flush_metadata(q);
@@ -373,7 +509,8 @@ int qcow2_check(struct ct_image *img, unsigned fix, struct ct_check_result *res,
     struct check c = {.q = q, .res = res, .report = report, .opaque = opaque};
     c.file_size = (uint64_t)fsz;
     /* Room for clusters a repair may add past the end (new refcount blocks). */
-    c.nclusters = ct_div_round_up(c.file_size, q->cluster_size) + 64;
+    c.nclusters = ct_div_round_up(c.file_size, q->cluster_size);
+    c.nclusters += 64 + 2 * ct_div_round_up(c.nclusters, q->refblock_entries);
     c.refs = calloc(c.nclusters, sizeof(*c.refs));
     c.table = malloc(q->cluster_size);
     if (!c.refs || !c.table) {
@@ -391,7 +528,38 @@ int qcow2_check(struct ct_image *img, unsigned fix, struct ct_check_result *res,
         q->repair_refs = c.refs;
         q->repair_nclusters = c.nclusters;
     }
-    r = run_pass(&c, fix);
+    if ((fix & CT_FIX_ERRORS) && q->reftable_broken) {
+        say(&c, "Rebuilding refcount structure (the refcount table is unusable)");
+        r = count_refs(&c);
+        if (r == 0) {
+            r = rebuild_refcounts(&c);
+        }
+        if (r == 0) {
+            res->rebuilt = true;
+            res->corruptions_fixed++;
+            res->corruptions++;
+        }
+    }
+    if (r == 0) {
+        uint64_t cf = res->corruptions_fixed, cc = res->corruptions;
+        res->corruptions = 0;
+        r = run_pass(&c, c.refblocks_bad ? CT_FIX_NONE : fix);
+        if (r == 0 && (fix & CT_FIX_ERRORS) && c.refblocks_bad) {
+            say(&c, "Rebuilding refcount structure");
+            r = count_refs(&c);
+            if (r == 0) {
+                r = rebuild_refcounts(&c);
+            }
+            if (r == 0) {
+                res->rebuilt = true;
+                res->corruptions_fixed += res->corruptions;
+                c.refblocks_bad = false;
+                r = run_pass(&c, fix); /* COPIED flags against the new refcounts */
+            }
+        }
+        res->corruptions += cc;
+        res->corruptions_fixed += cf;
+    }
     if (r == 0 && fix && (res->leaks_fixed || res->corruptions_fixed)) {
         r = qcow2_flush_metadata(q);
         q->repair_refs = NULL;
@@ -404,11 +572,11 @@ int qcow2_check(struct ct_image *img, unsigned fix, struct ct_check_result *res,
             r = run_pass(&c, CT_FIX_NONE);
             again.leaks_fixed = res->leaks_fixed;
             again.corruptions_fixed = res->corruptions_fixed;
-            uint64_t found_leaks = res->leaks, found_corr = res->corruptions;
+            again.rebuilt = res->rebuilt;
+            /* Report what was fixed plus what the double check still finds. */
+            again.leaks += again.leaks_fixed;
+            again.corruptions += again.corruptions_fixed;
             *res = again;
-            /* qemu-img reports what it found and fixed, and what remains. */
-            res->leaks = again.leaks + CT_MIN(found_leaks, again.leaks_fixed);
-            res->corruptions = again.corruptions + CT_MIN(found_corr, again.corruptions_fixed);
         }
     }
     q->repair_refs = NULL;

@@ -34,7 +34,7 @@ static uint64_t rb_entry_get(const struct qcow2_state *q, const uint8_t *t, uint
     }
 }
 
-static void rb_entry_set(const struct qcow2_state *q, uint8_t *t, uint64_t i, uint64_t v)
+void qcow2_refblock_entry_set(const struct qcow2_state *q, uint8_t *t, uint64_t i, uint64_t v)
 {
     switch (q->refcount_bits) {
     case 8:
@@ -65,6 +65,10 @@ int qcow2_refcount_open(struct qcow2_state *q, struct ct_err *err)
     q->reftable = malloc(bytes ? bytes : 8);
     if (!q->reftable) {
         return ct_err_set(err, -ENOMEM, "out of memory for the refcount table");
+    }
+    if (q->reftable_broken) {
+        memset(q->reftable, 0, bytes);
+        return 0;
     }
     int r = ct_file_pread(q->file, q->reftable, bytes, q->reftable_offset);
     if (r < 0) {
@@ -216,6 +220,9 @@ static int new_refblock(struct qcow2_state *q, uint64_t rt)
         return r;
     }
     bool self = b / q->refblock_entries == rt;
+    if (q->repair_refs && b < q->repair_nclusters) {
+        q->repair_refs[b]++; /* a repair's own allocation is a reference too */
+    }
     if (!self) {
         r = qcow2_refcount_update(q, b, 1);
         if (r < 0) {
@@ -228,7 +235,7 @@ static int new_refblock(struct qcow2_state *q, uint64_t rt)
         goto out;
     }
     if (self) {
-        rb_entry_set(q, e->table, b % q->refblock_entries, 1);
+        qcow2_refblock_entry_set(q, e->table, b % q->refblock_entries, 1);
         q->host_end = CT_MAX(q->host_end, (b + 1) << q->cluster_bits);
     }
     /* The block's content reaches the file before the table entry naming it. */
@@ -292,7 +299,7 @@ static int refcount_modify(struct qcow2_state *q, uint64_t cluster, bool absolut
         qcow2_cache_put(&q->rb_cache, e);
         return -ERANGE;
     }
-    rb_entry_set(q, e->table, i, nv);
+    qcow2_refblock_entry_set(q, e->table, i, nv);
     e->dirty = true;
     if (nv > 0 && ((cluster + 1) << q->cluster_bits) > q->host_end) {
         q->host_end = (cluster + 1) << q->cluster_bits;
@@ -363,6 +370,9 @@ static int grow_reftable(struct qcow2_state *q, uint64_t min_index)
     }
     for (uint64_t c = start; c < start + clusters && r == 0; c++) {
         r = qcow2_refcount_update(q, c, 1);
+        if (q->repair_refs && c < q->repair_nclusters) {
+            q->repair_refs[c]++;
+        }
     }
     q->nreserved--;
     if (r < 0) {

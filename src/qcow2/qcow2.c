@@ -776,24 +776,32 @@ static int qcow2_open(struct ct_image *img, struct ct_err *err)
     }
     q->reftable_offset = ld_be64(h + QH_REFTABLE_OFFSET);
     q->reftable_clusters = ld_be32(h + QH_REFTABLE_CLUSTERS);
-    if ((uint64_t)q->reftable_clusters * q->cluster_size > QCOW2_MAX_REFTABLE_BYTES) {
-        r = ct_err_set(err, -CT_E_CORRUPT,
+    uint64_t rt_bytes = (uint64_t)q->reftable_clusters * q->cluster_size;
+    struct ct_err rt_err = {0};
+    if (rt_bytes > QCOW2_MAX_REFTABLE_BYTES) {
+        r = ct_err_set(&rt_err, -CT_E_CORRUPT,
                        "refcount table is too large (%u clusters; at most 8 MiB)",
                        q->reftable_clusters);
-        goto fail;
+    } else if (q->reftable_clusters == 0) {
+        r = ct_err_set(&rt_err, -CT_E_CORRUPT, "refcount table is empty (0 clusters)");
+    } else {
+        r = check_region(q, "refcount table", q->reftable_offset, rt_bytes, file_size, &rt_err);
     }
-    if (q->reftable_clusters == 0) {
-        r = ct_err_set(err, -CT_E_CORRUPT, "refcount table is empty (0 clusters)");
-        goto fail;
+    if (r == 0 &&
+        regions_overlap(q->l1_offset, q->l1_size ? l1_bytes : 0, q->reftable_offset, rt_bytes)) {
+        r = ct_err_set(&rt_err, -CT_E_CORRUPT, "the L1 table and the refcount table overlap");
     }
-    uint64_t rt_bytes = (uint64_t)q->reftable_clusters * q->cluster_size;
-    r = check_region(q, "refcount table", q->reftable_offset, rt_bytes, file_size, err);
     if (r < 0) {
-        goto fail;
-    }
-    if (regions_overlap(q->l1_offset, q->l1_size ? l1_bytes : 0, q->reftable_offset, rt_bytes)) {
-        r = ct_err_set(err, -CT_E_CORRUPT, "the L1 table and the refcount table overlap");
-        goto fail;
+        if (!(img->writable && (img->flags & CT_OPEN_ALLOW_CORRUPT))) {
+            if (err) {
+                *err = rt_err;
+            }
+            goto fail;
+        }
+        /* Repair open: the refcounts will be rebuilt from the references. */
+        q->reftable_broken = true;
+        q->reftable_clusters = 1;
+        r = 0;
     }
     q->nb_snapshots = ld_be32(h + QH_NB_SNAPSHOTS);
     q->snapshots_offset = ld_be64(h + QH_SNAPSHOTS_OFFSET);
@@ -812,6 +820,11 @@ static int qcow2_open(struct ct_image *img, struct ct_err *err)
         q->l1[i] = be64toh(q->l1[i]);
     }
     r = qcow2_refcount_open(q, err);
+    if (r < 0 && img->writable && (img->flags & CT_OPEN_ALLOW_CORRUPT)) {
+        q->reftable_broken = true;
+        memset(q->reftable, 0, q->reftable_entries * 8);
+        r = 0;
+    }
     if (r < 0) {
         goto fail;
     }

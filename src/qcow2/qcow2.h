@@ -130,6 +130,7 @@ struct qcow2_state {
     uint64_t reftable_entries;
     uint64_t *reftable;
     bool reftable_pending; /* new table in memory, not yet on disk (Q5) */
+    bool reftable_broken;  /* repair open of an image whose refcount table is unusable */
 
     uint32_t nb_snapshots;
     uint64_t snapshots_offset;
@@ -207,6 +208,8 @@ int qcow2_snapshot_read_vmstate(struct qcow2_state *q, const char *key, void *bu
 /* ---- qcow2-refcount.c ---- */
 
 int qcow2_refcount_get(struct qcow2_state *q, uint64_t cluster, uint64_t *out);
+/* Store refcount v as entry i of a refcount block buffer (any refcount width). */
+void qcow2_refblock_entry_set(const struct qcow2_state *q, uint8_t *t, uint64_t i, uint64_t v);
 /* Add delta to a cluster's refcount (may allocate refcount blocks / grow the table). */
 int qcow2_refcount_update(struct qcow2_state *q, uint64_t cluster, int64_t delta);
 /* Set a cluster's refcount (repair). */

@@ -163,7 +163,12 @@ def check_summary(rc, info, human):
     else:
         s = "rc=%s" % rc
     if human and rc not in (0, 3):
-        s += "\n    " + "\n    ".join(human.splitlines()[:12])
+        lines = [l for l in human.splitlines() if l.strip()]
+        errs = [l for l in lines if "ERROR" in l or "rror" in l.split(":")[0]]
+        rest = [l for l in lines if l not in errs and not l.startswith("Leaked cluster")]
+        shown = errs[:10] + (["... %d more ERROR lines" % (len(errs) - 10)] if len(errs) > 10
+                             else []) + rest[:6]
+        s += "\n    " + "\n    ".join(shown)
     return s
 
 
@@ -518,75 +523,75 @@ class Scenario:
             os.unlink(os.path.join(d, "ov.qcow2"))
             return i, counts, (path, hdr), None
 
-        results = {}
+        self.counts = [(0, 0)]
+        # Effects per command, validated against the byte model (in order, as runs finish).
+        model = bytearray(self.s0)
+        size = self.v.size
+        self.sizes = [size]
+        self.effects = []
         with concurrent.futures.ThreadPoolExecutor(self.t.jobs) as ex:
             for i, counts, path, err in ex.map(prefix, range(1, n + 1)):
-                results[i] = (counts, path[0] if path else None)
-                if path:
-                    self.headers[i] = path[1]
                 if err:
                     problems.append(err)
+                if problems:
+                    if path:
+                        os.unlink(path[0])
+                    continue
+                self.counts.append(counts)
+                self.headers[i] = path[1]
+                c = self.cmds[i - 1]
+                with open(path[0], "rb") as f:
+                    st = f.read()
+                os.unlink(path[0])
+                if c.kind == "truncate":
+                    size = c.size
+                self.sizes.append(size)
+                if len(st) != size:
+                    problems.append("after command %d (%s) the virtual size is %d, expected %d" % (
+                        i, c.text(), len(st), size))
+                    continue
+                st = st + bytes(self.maxsize - len(st))
+                eff = {}
+                if c.kind in ("write", "zero"):
+                    val = c.pattern if c.kind == "write" else 0
+                    model[c.off:c.off + c.length] = bytes([val]) * c.length
+                elif c.kind == "discard":
+                    lo = (c.off + SECTOR - 1) // SECTOR
+                    hi = (c.off + c.length) // SECTOR
+                    for s in range(lo, hi):
+                        a = s * SECTOR
+                        new = st[a:a + SECTOR]
+                        old = bytes(model[a:a + SECTOR])
+                        if new != old:
+                            if new != bytes(SECTOR) and new != self.base_pad[a:a + SECTOR]:
+                                problems.append(
+                                    "discard (command %d: %s) turned sector %d into %s, which is "
+                                    "neither zeroes nor the backing data" % (
+                                        i, c.text(), s, summarize_bytes(new)))
+                            eff[s] = (new, True)
+                            model[a:a + SECTOR] = new
+                        else:
+                            eff[s] = (new, False)
+                if st != bytes(model):
+                    bad = first_diff_sectors(st, model)
+                    problems.append(
+                        "after a clean run of the first %d commands the image differs from the "
+                        "model (last command %s) at %s" % (
+                            i, c.text(), "; ".join(
+                                "sector %d: got %s, want %s" % (
+                                    s, summarize_bytes(st[s * SECTOR:(s + 1) * SECTOR]),
+                                    summarize_bytes(model[s * SECTOR:(s + 1) * SECTOR]))
+                                for s in bad[:3])))
+                self.effects.append(eff)
         if problems:
             return problems
+        self.total_writes, self.total_flushes = self.counts[n]
         h0 = qcow2_header(os.path.join(self.start_dir, "ov.qcow2"))
         l1s = {h0["l1_offset"]} | {h["l1_offset"] for h in self.headers.values()}
         rts = {h0["reftable_offset"]} | {h["reftable_offset"] for h in self.headers.values()}
         self.coverage = ("file grows %d -> %d bytes; L1 table at %d place(s), refcount table at "
                          "%d place(s)" % (h0["file_size"], self.headers[n]["file_size"],
                                           len(l1s), len(rts)))
-        self.counts = [(0, 0)] + [results[i][0] for i in range(1, n + 1)]
-        self.total_writes, self.total_flushes = self.counts[n]
-
-        # Effects per command, validated against the byte model.
-        model = bytearray(self.s0)
-        size = self.v.size
-        self.sizes = [size]
-        self.effects = []
-        for i in range(1, n + 1):
-            c = self.cmds[i - 1]
-            with open(results[i][1], "rb") as f:
-                st = f.read()
-            os.unlink(results[i][1])
-            if c.kind == "truncate":
-                size = c.size
-            self.sizes.append(size)
-            if len(st) != size:
-                problems.append("after command %d (%s) the virtual size is %d, expected %d" % (
-                    i, c.text(), len(st), size))
-                continue
-            st = st + bytes(self.maxsize - len(st))
-            eff = {}
-            if c.kind in ("write", "zero"):
-                val = c.pattern if c.kind == "write" else 0
-                model[c.off:c.off + c.length] = bytes([val]) * c.length
-            elif c.kind == "discard":
-                lo = (c.off + SECTOR - 1) // SECTOR
-                hi = (c.off + c.length) // SECTOR
-                for s in range(lo, hi):
-                    a = s * SECTOR
-                    new = st[a:a + SECTOR]
-                    old = bytes(model[a:a + SECTOR])
-                    if new != old:
-                        if new != bytes(SECTOR) and new != self.base_pad[a:a + SECTOR]:
-                            problems.append(
-                                "discard (command %d: %s) turned sector %d into %s, which is "
-                                "neither zeroes nor the backing data" % (
-                                    i, c.text(), s, summarize_bytes(new)))
-                        eff[s] = (new, True)
-                        model[a:a + SECTOR] = new
-                    else:
-                        eff[s] = (new, False)
-            if st != bytes(model):
-                bad = first_diff_sectors(st, model)
-                problems.append(
-                    "after a clean run of the first %d commands the image differs from the "
-                    "model (last command %s) at sectors %s" % (
-                        i, c.text(), ", ".join(
-                            "%d: got %s want %s" % (s, summarize_bytes(st[s * SECTOR:(s + 1) * SECTOR]),
-                                                    summarize_bytes(model[s * SECTOR:(s + 1) * SECTOR]))
-                            for s in bad[:3])))
-                model = bytearray(st)  # continue from what cowtree did
-            self.effects.append(eff)
         self.final = bytes(model)
 
         # The same workload through qemu-io must give the same content.

@@ -111,8 +111,8 @@ open(sys.argv[1], "wb").write(data)' "$@"
 
 compressed_case() { # NAME CLUSTER CREATE-OPTIONS (compression_type etc.)
     local name=$1 c=$2 opts=$3
-    mkdir "$name"
-    cd "$name"
+    mkdir "comp-$name"
+    cd "comp-$name"
     local s txt tlen
     read -r s _ <<<"$(sizes_for "$c")"
     txt=$((14 * c)) tlen=$((c > 65536 ? c : 65536))
