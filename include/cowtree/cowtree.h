@@ -113,6 +113,10 @@ int ct_image_change_backing(struct ct_image *img, const char *backing, const cha
  * (qemu-img commit's emptying of the top image). qcow2 only. */
 int ct_image_make_empty(struct ct_image *img, struct ct_err *err);
 
+/* Change qcow2 options in place: compat 0 (keep), 2 (0.10) or 3 (1.1); lazy_refcounts -1 (keep),
+ * 0 or 1. */
+int ct_image_amend(struct ct_image *img, int compat, int lazy_refcounts, struct ct_err *err);
+
 /* Give free space back to the filesystem (qcow2): move clusters from the end of the file
  * into free space, truncate, punch holes for the rest. Crash-safe at every step; the content
  * of the active state and of every snapshot is unchanged. Reports bytes the file occupied on

@@ -497,6 +497,70 @@ out:
     return ret;
 }
 
+static int img_amend(int argc, char **argv)
+{
+    const char *fmt = NULL;
+    char *opts = NULL;
+    bool quiet = false;
+    int c;
+    static const struct option lo[] = {{"force", no_argument, NULL, 'F'}, {0}};
+    while ((c = getopt_long(argc, argv, "+f:o:pq", lo, NULL)) != -1) {
+        switch (c) {
+        case 'f': fmt = optarg; break;
+        case 'o': opts = optarg; break;
+        case 'p': case 'F': break;
+        case 'q': quiet = true; break;
+        default:
+            cli_error("usage: amend [-f FMT] -o compat=0.10|1.1,lazy_refcounts=on|off FILE");
+            return 1;
+        }
+    }
+    (void)quiet;
+    if (!opts || optind != argc - 1) {
+        cli_error("usage: amend [-f FMT] -o compat=0.10|1.1,lazy_refcounts=on|off FILE");
+        return 1;
+    }
+    int compat = 0, lazy = -1;
+    char *save = NULL;
+    for (char *kv = strtok_r(opts, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
+        char *v = strchr(kv, '=');
+        if (!v) {
+            cli_error("Invalid option '%s': expected key=value", kv);
+            return 1;
+        }
+        *v++ = '\0';
+        if (!strcmp(kv, "compat")) {
+            compat = !strcmp(v, "0.10") || !strcmp(v, "v2") ? 2
+                     : !strcmp(v, "1.1") || !strcmp(v, "v3") ? 3 : -1;
+        } else if (!strcmp(kv, "lazy_refcounts")) {
+            lazy = !strcmp(v, "on") ? 1 : !strcmp(v, "off") ? 0 : -2;
+        } else {
+            cli_error("amend option '%s' is not supported (cowtree amends compat and "
+                      "lazy_refcounts; use resize for size and rebase for the backing file)",
+                      kv);
+            return 1;
+        }
+        if (compat < 0 || lazy < -1) {
+            cli_error("Invalid value '%s' for %s", v, kv);
+            return 1;
+        }
+    }
+    const char *file = argv[optind];
+    struct ct_image *img = img_open(file, fmt, CT_OPEN_WRITE | CT_OPEN_NO_BACKING);
+    if (!img) {
+        return 1;
+    }
+    struct ct_err err = {0};
+    int r = ct_image_amend(img, compat, lazy, &err);
+    if (r < 0) {
+        cli_error_err(file, &err);
+    }
+    if (close_image(img)) {
+        return 1;
+    }
+    return r < 0 ? 1 : 0;
+}
+
 static const struct {
     const char *name;
     int (*fn)(int argc, char **argv);
@@ -511,6 +575,7 @@ static const struct {
     {"snapshot", img_snapshot,
      "snapshot [-l | -c NAME [--vmstate FILE] | -a NAME | -d NAME | --dump-vmstate NAME OUT] FILE"},
     {"diff", img_diff, "diff [--output=human|json] FILE FROM [TO]"},
+    {"amend", img_amend, "amend [-f FMT] -o compat=0.10|1.1,lazy_refcounts=on|off FILE"},
     {"compact", img_compact, "compact [-q] FILE"},
     {"split", img_split, "split [-B BASE -F FMT] FILE SNAPSHOT NEW"},
 #include "cli/img-chain-verbs.inc"

@@ -679,3 +679,9 @@ int ct_image_compact(struct ct_image *img, struct ct_compact_result *res, struct
     res->allocated_after = a > 0 ? (uint64_t)a : 0;
     return 0;
 }
+
+int ct_image_amend(struct ct_image *img, int compat, int lazy_refcounts, struct ct_err *err)
+{
+    struct qcow2_state *q = snapshot_state(img, true, err);
+    return q ? qcow2_amend(q, compat, lazy_refcounts, err) : err ? err->code : -EINVAL;
+}

@@ -42,7 +42,7 @@
 #include "util/misc.h"
 
 #define DEFAULT_BUF_BYTES (2u << 20)
-#define SLICE_NS 100000000ull /* rate limit accounting slice: 100 ms */
+#define SLICE_NS          100000000ull /* rate limit accounting slice: 100 ms */
 
 struct ct_job {
     const struct job_driver *drv;
@@ -58,11 +58,11 @@ struct ct_job {
     pthread_cond_t cond; /* signalled on every state or request change */
     /* Protected by lock: */
     enum ct_job_status status;
-    unsigned pause_count;  /* outstanding ct_job_pause calls */
-    bool cancelled;        /* hard cancel requested */
-    bool soft_cancelled;   /* cancel(force=false) while READY */
-    bool complete_req;     /* ct_job_complete called */
-    unsigned kick;         /* bumped by speed changes, to wake rate-limit sleeps */
+    unsigned pause_count; /* outstanding ct_job_pause calls */
+    bool cancelled;       /* hard cancel requested */
+    bool soft_cancelled;  /* cancel(force=false) while READY */
+    bool complete_req;    /* ct_job_complete called */
+    unsigned kick;        /* bumped by speed changes, to wake rate-limit sleeps */
     uint64_t speed;
     struct job_ratelimit rl;
     uint64_t done, total;
@@ -155,8 +155,9 @@ static void set_status(struct ct_job *job, enum ct_job_status to)
 static int verb_check(struct ct_job *job, enum ct_job_verb verb, struct ct_err *err)
 {
     if (!accepted[verb][job->status]) {
-        return ct_err_set(err, -CT_E_STATE, "Job '%s' in state '%s' cannot accept command verb '%s'",
-                          job->id, status_names[job->status], verb_names[verb]);
+        return ct_err_set(err, -CT_E_STATE,
+                          "Job '%s' in state '%s' cannot accept command verb '%s'", job->id,
+                          status_names[job->status], verb_names[verb]);
     }
     return 0;
 }
@@ -357,7 +358,8 @@ int ct_job_cancel(struct ct_job *job, bool force, struct ct_err *err)
     int r = verb_check(job, CT_JOB_VERB_CANCEL, err);
     bool run_abort = false;
     if (r == 0) {
-        if (!force && (job->status == CT_JOB_STATUS_READY || job->status == CT_JOB_STATUS_STANDBY)) {
+        if (!force &&
+            (job->status == CT_JOB_STATUS_READY || job->status == CT_JOB_STATUS_STANDBY)) {
             job->soft_cancelled = true;
         } else {
             job->cancelled = true;
@@ -545,8 +547,7 @@ bool job_is_cancelled(struct ct_job *job)
     return c;
 }
 
-uint64_t job_ratelimit_delay(struct job_ratelimit *rl, uint64_t speed, uint64_t now,
-                             uint64_t bytes)
+uint64_t job_ratelimit_delay(struct job_ratelimit *rl, uint64_t speed, uint64_t now, uint64_t bytes)
 {
     if (speed == 0) {
         return 0;

@@ -60,11 +60,11 @@ typedef void (*ct_job_progress_fn)(struct ct_job *job, void *opaque);
 typedef void (*ct_job_status_fn)(struct ct_job *job, enum ct_job_status status, void *opaque);
 
 struct ct_job_opts {
-    const char *id;          /* copied; NULL = the job type */
-    uint64_t speed;          /* bytes per second, 0 = unlimited */
-    bool manual_finalize;    /* stay in PENDING until ct_job_finalize (QEMU auto-finalize=off) */
-    bool manual_dismiss;     /* stay CONCLUDED until ct_job_dismiss (QEMU auto-dismiss=off) */
-    uint64_t buf_bytes;      /* request size for copying; 0 = 2 MiB (rounded to 64 KiB) */
+    const char *id;       /* copied; NULL = the job type */
+    uint64_t speed;       /* bytes per second, 0 = unlimited */
+    bool manual_finalize; /* stay in PENDING until ct_job_finalize (QEMU auto-finalize=off) */
+    bool manual_dismiss;  /* stay CONCLUDED until ct_job_dismiss (QEMU auto-dismiss=off) */
+    uint64_t buf_bytes;   /* request size for copying; 0 = 2 MiB (rounded to 64 KiB) */
     ct_job_progress_fn progress;
     ct_job_status_fn on_status;
     void *opaque; /* for both callbacks */

@@ -860,3 +860,20 @@ int qcow2_snapshot_diff(struct qcow2_state *q, const char *from, const char *to,
     free(b);
     return r < 0 ? ct_err_set(err, r, "diff failed: %s", ct_strerror(r)) : 0;
 }
+
+int qcow2_snapshot_rewrite_table(struct qcow2_state *q)
+{
+    struct qcow2_snapshot *copy = malloc(q->nb_snapshots * sizeof(*copy));
+    if (!copy) {
+        return -ENOMEM;
+    }
+    memcpy(copy, q->snapshots, q->nb_snapshots * sizeof(*copy));
+    int r = write_table(q, copy, q->nb_snapshots);
+    if (r < 0) {
+        free(copy);
+        return r;
+    }
+    free(q->snapshots);
+    q->snapshots = copy;
+    return qcow2_flush_metadata(q);
+}

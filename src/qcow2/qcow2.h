@@ -193,6 +193,8 @@ int qcow2_grow_l1(struct qcow2_state *q, uint32_t min_size);
 /* Parse the snapshot table (open). */
 int qcow2_read_snapshots(struct qcow2_state *q, struct ct_err *err);
 int qcow2_snapshot_find(struct qcow2_state *q, const char *key, struct ct_err *err);
+/* Write the snapshot table anew (same entries) and switch the header to it. */
+int qcow2_snapshot_rewrite_table(struct qcow2_state *q);
 int qcow2_snapshot_create(struct qcow2_state *q, const char *name,
                           const struct ct_snapshot_create_opts *o, struct ct_err *err);
 int qcow2_snapshot_delete(struct qcow2_state *q, const char *key, struct ct_err *err);
@@ -264,6 +266,11 @@ int qcow2_compress(int type, const uint8_t *in, size_t in_len, uint8_t *out, siz
 /* Report (merged, ascending) the guest extents that may differ between two L1 tables. */
 int qcow2_diff_l1(struct qcow2_state *q, const uint64_t *a, uint32_t na, const uint64_t *b,
                   uint32_t nb, uint64_t size_a, uint64_t size_b, qcow2_diff_fn fn, void *opaque);
+
+/* ---- qcow2-amend.c ---- */
+
+/* compat: 0 keep, 2 or 3; lazy: -1 keep, 0 off, 1 on. */
+int qcow2_amend(struct qcow2_state *q, int compat, int lazy, struct ct_err *err);
 
 /* ---- qcow2-compact.c ---- */
 
