@@ -2,7 +2,7 @@
 # Installs what cowtree needs to build and test on Debian 12 (run as root).
 set -euo pipefail
 pkgs=(meson ninja-build gcc clang libclang-rt-14-dev pkg-config
-      zlib1g-dev libzstd-dev libjson-c-dev
+      zlib1g-dev libzstd-dev libjson-c-dev libsqlite3-dev libxml2-dev libvirt-clients
       qemu-utils python3 coreutils)
 missing=()
 for p in "${pkgs[@]}"; do
