@@ -1,0 +1,44 @@
+/*
+ * Block nodes and their NBD exports inside cowtreed. A node owns one open image chain and a
+ * mutex that serialises every engine call on it (the engine is single-threaded per handle);
+ * holding the mutex also quiesces the disk for snapshots and pivots.
+ */
+#ifndef CT_DAEMON_EXPORT_H
+#define CT_DAEMON_EXPORT_H
+
+#include <pthread.h>
+#include <stdbool.h>
+
+#include "cowtree/cowtree.h"
+#include "nbd/nbd-server.h"
+
+struct node {
+    char *name;     /* node-name */
+    char *file;     /* current top image */
+    char *format;
+    struct ct_image *img;
+    pthread_mutex_t lock;
+    bool writable;
+    struct nbd_export exp; /* exp.name = export name, NULL when not exported */
+    int users;             /* connections using the export */
+    struct node *next;
+};
+
+struct node_table {
+    pthread_mutex_t lock; /* protects the list and `users` */
+    struct node *head;
+};
+
+extern struct node_table nodes;
+
+int node_add(const char *name, const char *file, const char *format, bool writable,
+             struct ct_err *err);
+struct node *node_find(const char *name);
+int node_export(struct node *n, const char *export_name, bool writable, struct ct_err *err);
+/* Swap the node's image for another one (snapshot, pivot); caller holds n->lock. */
+void node_set_image(struct node *n, struct ct_image *img, const char *file, const char *format);
+void node_close_all(void);
+
+extern const struct nbd_exports node_exports;
+
+#endif
