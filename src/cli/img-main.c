@@ -316,8 +316,12 @@ static int img_map(int argc, char **argv)
                 break;
             }
             unsigned keyf = CT_STATUS_ALLOCATED | CT_STATUS_ZERO | CT_STATUS_DATA;
-            bool data = (e.flags & CT_STATUS_DATA) && !(e.flags & CT_STATUS_COMPRESSED);
-            bool cdata = (cur.flags & CT_STATUS_DATA) && !(cur.flags & CT_STATUS_COMPRESSED);
+            bool data = ((e.flags & CT_STATUS_DATA) && !(e.flags & CT_STATUS_COMPRESSED)) ||
+                        ((e.flags & CT_STATUS_ALLOCATED) &&
+                         strcmp(ct_image_format(e.layer), "raw") == 0);
+            bool cdata = ((cur.flags & CT_STATUS_DATA) && !(cur.flags & CT_STATUS_COMPRESSED)) ||
+                         ((cur.flags & CT_STATUS_ALLOCATED) &&
+                          strcmp(ct_image_format(cur.layer), "raw") == 0);
             if (have && (cur.flags & keyf) == (e.flags & keyf) && cur.depth == e.depth &&
                 data == cdata && (!data || cur.host_off + cur.len == e.host_off) &&
                 (!json || cur.layer == e.layer)) {
@@ -327,7 +331,10 @@ static int img_map(int argc, char **argv)
             }
         }
         if (have) {
-            bool has_off = (cur.flags & CT_STATUS_DATA) && !(cur.flags & CT_STATUS_COMPRESSED);
+            /* A raw layer's offset is meaningful even in a hole (qemu-img prints it too). */
+            bool has_off = ((cur.flags & CT_STATUS_DATA) && !(cur.flags & CT_STATUS_COMPRESSED)) ||
+                           ((cur.flags & CT_STATUS_ALLOCATED) &&
+                            strcmp(ct_image_format(cur.layer), "raw") == 0);
             if (json) {
                 printf("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %u, "
                        "\"present\": %s, \"zero\": %s, \"data\": %s",
@@ -340,7 +347,7 @@ static int img_map(int argc, char **argv)
                 }
                 printf("}");
                 first = false;
-            } else if (has_off) {
+            } else if (has_off && (cur.flags & CT_STATUS_DATA)) {
                 char a[32], b[32], d[32];
                 snprintf(a, sizeof(a), "%#" PRIx64, cur.off);
                 snprintf(b, sizeof(b), "%#" PRIx64, cur.len);

@@ -64,8 +64,15 @@ static int raw_flush(struct ct_image *img)
 
 static int raw_block_status(struct ct_image *img, uint64_t off, uint64_t len, struct ct_extent *out)
 {
-    out->len = len;
-    out->flags = CT_STATUS_ALLOCATED | CT_STATUS_DATA;
+    bool hole;
+    uint64_t n;
+    int r = ct_file_extent(img->file, off, len, &hole, &n);
+    if (r < 0) {
+        return r;
+    }
+    /* A hole in a raw file still belongs to this layer: it reads as zero. */
+    out->len = n ? n : len;
+    out->flags = CT_STATUS_ALLOCATED | (hole ? CT_STATUS_ZERO : CT_STATUS_DATA);
     out->host_off = off;
     return 0;
 }

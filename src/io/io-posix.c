@@ -93,6 +93,32 @@ static int posix_prealloc(struct ct_file *f, uint64_t off, uint64_t len)
     return -r;
 }
 
+static int posix_extent(struct ct_file *f, uint64_t off, uint64_t max, bool *hole, uint64_t *len)
+{
+    off_t d = lseek(f->fd, (off_t)off, SEEK_DATA);
+    if (d < 0 && errno == ENXIO) {
+        /* Past the last data: a hole to the end. */
+        *hole = true;
+        *len = max;
+        return 0;
+    }
+    if (d < 0) {
+        /* Filesystem without SEEK_DATA: say data. */
+        *hole = false;
+        *len = max;
+        return 0;
+    }
+    if ((uint64_t)d > off) {
+        *hole = true;
+        *len = (uint64_t)d - off < max ? (uint64_t)d - off : max;
+        return 0;
+    }
+    off_t h = lseek(f->fd, (off_t)off, SEEK_HOLE);
+    *hole = false;
+    *len = h > (off_t)off && (uint64_t)h - off < max ? (uint64_t)h - off : max;
+    return 0;
+}
+
 static void posix_close(struct ct_file *f)
 {
     if (f->fd >= 0) {
@@ -109,6 +135,7 @@ static const struct ct_file_ops posix_ops = {
     .allocated = posix_allocated,
     .punch = posix_punch,
     .prealloc = posix_prealloc,
+    .extent = posix_extent,
     .close = posix_close,
 };
 

@@ -61,3 +61,13 @@ void ct_file_close(struct ct_file *f)
         free(f);
     }
 }
+
+int ct_file_extent(struct ct_file *f, uint64_t off, uint64_t max, bool *hole, uint64_t *len)
+{
+    if (!f->ops->extent) {
+        *hole = false;
+        *len = max;
+        return 0;
+    }
+    return f->ops->extent(f, off, max, hole, len);
+}

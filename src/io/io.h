@@ -26,6 +26,8 @@ struct ct_file_ops {
     int64_t (*allocated)(struct ct_file *f);
     int (*punch)(struct ct_file *f, uint64_t off, uint64_t len);
     int (*prealloc)(struct ct_file *f, uint64_t off, uint64_t len);
+    /* Is off in a hole (reads as zero, no storage)? *len = bytes from off of that kind. */
+    int (*extent)(struct ct_file *f, uint64_t off, uint64_t max, bool *hole, uint64_t *len);
     void (*close)(struct ct_file *f);
 };
 
@@ -55,6 +57,7 @@ int64_t ct_file_size(struct ct_file *f);
 int64_t ct_file_allocated(struct ct_file *f);
 int ct_file_punch(struct ct_file *f, uint64_t off, uint64_t len);
 int ct_file_prealloc(struct ct_file *f, uint64_t off, uint64_t len);
+int ct_file_extent(struct ct_file *f, uint64_t off, uint64_t max, bool *hole, uint64_t *len);
 
 /*
  * Image locking, compatible with QEMU's file-posix locks: OFD read locks on byte 100+p for
