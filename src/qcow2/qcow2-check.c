@@ -91,8 +91,8 @@ static int walk_l1(struct check *c, uint64_t l1_off, uint32_t l1_size, bool acti
         free(l1);
         return 0;
     }
-    uint64_t prev_host = 0;
     for (uint32_t i = 0; i < l1_size; i++) {
+        uint64_t prev_host = 0; /* contiguity is judged within one L2 table, as qemu-img does */
         uint64_t l1e = be64toh(l1[i]);
         uint64_t l2off = l1e & QCOW2_L1E_OFFSET_MASK;
         if (!l2off) {
@@ -124,6 +124,7 @@ static int walk_l1(struct check *c, uint64_t l1_off, uint32_t l1_size, bool acti
                 if (active) {
                     c->res->allocated_clusters++;
                     c->res->compressed_clusters++;
+                    c->res->fragmented_clusters++; /* qemu-img counts them as fragmented */
                 }
                 continue;
             }

@@ -349,7 +349,10 @@ int qcow2_block_status(struct ct_image *img, uint64_t off, uint64_t len, struct 
 static int l2_table_write(struct qcow2_state *q, uint64_t off, struct qcow2_cache_entry **out)
 {
     uint64_t i = l1_index(q, off);
-    int r;
+    int r = qcow2_mark_dirty(q);
+    if (r < 0) {
+        return r;
+    }
     if (i >= q->l1_size) {
         r = qcow2_grow_l1(q, (uint32_t)(i + 1));
         if (r < 0) {
@@ -586,10 +589,9 @@ int qcow2_pwrite(struct ct_image *img, const void *buf, uint64_t len, uint64_t o
 {
     struct qcow2_state *q = qstate(img);
     const uint8_t *p = buf;
-    int r = qcow2_mark_dirty(q);
-    if (r < 0) {
-        return r;
-    }
+    int r;
+    /* No dirty bit here: in-place writes change no metadata; allocating paths set it in
+     * l2_table_write() and the refcount code before their first change (Q6). */
     uint64_t span = q->cluster_size * q->l2_entries;
     while (len > 0) {
         uint64_t host, n;

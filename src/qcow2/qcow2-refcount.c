@@ -263,7 +263,10 @@ out:
 static int refcount_modify(struct qcow2_state *q, uint64_t cluster, bool absolute, int64_t delta)
 {
     uint64_t rt = cluster / q->refblock_entries;
-    int r;
+    int r = qcow2_mark_dirty(q);
+    if (r < 0) {
+        return r;
+    }
     if (rt >= q->reftable_entries) {
         r = grow_reftable(q, rt);
         if (r < 0) {
@@ -478,6 +481,13 @@ int qcow2_free_later(struct qcow2_state *q, uint64_t off, uint64_t len)
     if (len == 0) {
         return 0;
     }
+    if (q->npending) {
+        struct qcow2_pending_free *last = &q->pending[q->npending - 1];
+        if (last->off + last->len == off && !((off | len) & (q->cluster_size - 1))) {
+            last->len += len; /* consecutive clusters: one range */
+            return 0;
+        }
+    }
     if (q->npending == q->pending_cap) {
         size_t cap = q->pending_cap ? q->pending_cap * 2 : 64;
         struct qcow2_pending_free *p = realloc(q->pending, cap * sizeof(*p));
@@ -490,8 +500,8 @@ int qcow2_free_later(struct qcow2_state *q, uint64_t off, uint64_t len)
     q->pending[q->npending].off = off;
     q->pending[q->npending].len = len;
     q->npending++;
-    if (q->npending >= 4096) {
-        return qcow2_flush_metadata(q);
+    if (q->npending >= (1u << 20)) {
+        return qcow2_flush_metadata(q); /* bound the list: 16 MiB */
     }
     return 0;
 }

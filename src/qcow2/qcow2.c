@@ -299,8 +299,7 @@ static int qcow2_flush(struct ct_image *img)
     if (r < 0) {
         return r;
     }
-    /* A guest flush makes data written in place durable too. */
-    q->unsynced = true;
+    /* Data written in place set `unsynced` too, so this barrier covers it. */
     return qcow2_barrier(q);
 }
 
