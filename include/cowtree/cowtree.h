@@ -68,6 +68,9 @@ struct ct_open_opts {
     unsigned max_chain_depth; /* 0 = default (1024) */
     uint64_t cache_bytes;     /* metadata cache size per qcow2 layer; 0 = default (32 MiB) */
     const char *snapshot;     /* open this internal snapshot (name or id), read-only */
+    /* Security policy: when set, a colon-separated list of directories; every backing file
+     * must resolve (symlinks followed) to a path inside one of them, or open fails. */
+    const char *backing_dirs;
 };
 
 /* Open an image and its backing chain. *out is set on success, left NULL on failure. */

@@ -108,3 +108,9 @@ void cli_setup_faults(void)
         atexit(report_counts);
     }
 }
+
+const char *cli_backing_dirs(void)
+{
+    const char *d = getenv("COWTREE_BACKING_DIRS");
+    return d && *d ? d : NULL;
+}

@@ -17,6 +17,8 @@ const char *cli_size_str(uint64_t v, char *buf, size_t len);
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* "prog: FILE: msg" from an err. */
 void cli_error_err(const char *file, const struct ct_err *err);
+/* The backing-directory policy from COWTREE_BACKING_DIRS (NULL when unset). */
+const char *cli_backing_dirs(void);
 /* Enable fault injection from COWTREE_FAULT; report counts at exit when asked. */
 void cli_setup_faults(void);
 

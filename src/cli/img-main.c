@@ -19,7 +19,7 @@ struct ct_image *img_open(const char *path, const char *fmt, unsigned flags)
 {
     struct ct_image *img;
     struct ct_err err = {0};
-    struct ct_open_opts o = {.format = fmt, .flags = flags};
+    struct ct_open_opts o = {.format = fmt, .flags = flags, .backing_dirs = cli_backing_dirs()};
     if (ct_image_open(&img, path, &o, &err) < 0) {
         cli_error_err(path, &err);
         return NULL;

@@ -442,7 +442,7 @@ int main(int argc, char **argv)
     }
     const char *file = argv[optind];
     struct ct_err err = {0};
-    struct ct_open_opts o = {.format = fmt, .flags = flags};
+    struct ct_open_opts o = {.format = fmt, .flags = flags, .backing_dirs = cli_backing_dirs()};
     if (ct_image_open(&img, file, &o, &err) < 0) {
         cli_error_err(file, &err);
         return 1;

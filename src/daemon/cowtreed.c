@@ -56,7 +56,7 @@ static int listen_unix(const char *path)
     }
     strcpy(a.sun_path, path);
     unlink(path);
-    mode_t old = umask(0077); /* the socket is created 0600 */
+    mode_t old = umask(0177); /* the socket is created 0600 */
     int r = bind(fd, (struct sockaddr *)&a, sizeof(a));
     umask(old);
     if (r < 0 || listen(fd, 64) < 0) {

@@ -52,6 +52,29 @@ static bool backing_name_is_pseudo(const char *name)
     return strncmp(name, "json:", 5) == 0 || strstr(name, "://") != NULL;
 }
 
+/* Does path resolve into one of the colon-separated directories? */
+static bool backing_allowed(const char *path, const char *dirs)
+{
+    char *real = realpath(path, NULL);
+    if (!real) {
+        return false; /* a missing file fails later with its own error; refuse here */
+    }
+    bool ok = false;
+    char *copy = strdup(dirs), *save = NULL;
+    for (char *d = copy ? strtok_r(copy, ":", &save) : NULL; d && !ok;
+         d = strtok_r(NULL, ":", &save)) {
+        char *rd = realpath(d, NULL);
+        if (rd) {
+            size_t n = strlen(rd);
+            ok = strncmp(real, rd, n) == 0 && (real[n] == '/' || (n == 1 && rd[0] == '/'));
+            free(rd);
+        }
+    }
+    free(copy);
+    free(real);
+    return ok;
+}
+
 struct chain_id {
     dev_t dev;
     ino_t ino;
@@ -102,11 +125,17 @@ static int open_backing(struct ct_image *img, unsigned max_depth, struct chain_i
     if (!img->backing_path) {
         return ct_err_set(err, -ENOMEM, "out of memory");
     }
+    if (opts->backing_dirs && !backing_allowed(img->backing_path, opts->backing_dirs)) {
+        return ct_err_set(err, -EACCES,
+                          "backing file '%s' is outside the allowed directories (%s)",
+                          img->backing_path, opts->backing_dirs);
+    }
     unsigned bflags = (img->flags & (CT_OPEN_FORCE_SHARE | CT_OPEN_NO_BACKING));
     int r = open_one(&img->backing, img->backing_path, img->backing_format, bflags,
                      img->depth + 1, max_depth, ids, opts, err);
-    if (r < 0) {
-        ct_err_set(err, r, "Could not open backing file: %s", err ? err->msg : "");
+    if (r < 0 && img->depth == 0) {
+        /* Deeper levels' messages already name the file that failed. */
+        ct_err_prefix(err, "Could not open backing file: ");
     }
     return r;
 }
