@@ -28,7 +28,7 @@ export COWTREE_TOP="$top"
 total_pass=0 total_fail=0 total_skip=0
 for build in "${builds[@]}"; do
 export COWTREE_BUILD="$build"
-CT_RUN_OUT="$top/tests/out/$(basename "$build")"
+CT_RUN_OUT="$top/tests/out/$(basename "$build").$$"
 rm -rf "$CT_RUN_OUT"
 mkdir -p "$CT_RUN_OUT"
 echo "== tests against $(basename "$build") =="
