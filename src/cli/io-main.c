@@ -403,14 +403,14 @@ static int run_command(char *line)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: cowtree-io [-f FMT] [-r] [-U] [-t CACHE] [-c CMD]... FILE\n");
+    fprintf(stderr, "usage: cowtree-io [-f FMT] [-r] [-U] [-l SNAPSHOT] [-t CACHE] [-c CMD]... FILE\n");
 }
 
 int main(int argc, char **argv)
 {
     cli_prog = "cowtree-io";
     cli_setup_faults();
-    const char *fmt = NULL;
+    const char *fmt = NULL, *snapshot = NULL;
     unsigned flags = CT_OPEN_WRITE;
     char **cmdv = calloc((size_t)argc + 1, sizeof(char *));
     int ncmd = 0, c;
@@ -418,10 +418,15 @@ int main(int argc, char **argv)
                                        {"read-only", no_argument, NULL, 'r'},
                                        {"cmd", required_argument, NULL, 'c'},
                                        {"format", required_argument, NULL, 'f'},
+                                       {"snapshot", required_argument, NULL, 'l'},
                                        {"help", no_argument, NULL, 'h'},
                                        {0}};
-    while ((c = getopt_long(argc, argv, "+f:c:rUt:nh", lo, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "+f:c:rUt:nhl:", lo, NULL)) != -1) {
         switch (c) {
+        case 'l': /* read an internal snapshot (read-only), like qemu-nbd -l */
+            snapshot = optarg;
+            flags &= ~(unsigned)CT_OPEN_WRITE;
+            break;
         case 'f': fmt = optarg; break;
         case 'c': cmdv[ncmd++] = optarg; break;
         case 'r': flags &= ~(unsigned)CT_OPEN_WRITE; break;
@@ -442,7 +447,8 @@ int main(int argc, char **argv)
     }
     const char *file = argv[optind];
     struct ct_err err = {0};
-    struct ct_open_opts o = {.format = fmt, .flags = flags, .backing_dirs = cli_backing_dirs()};
+    struct ct_open_opts o = {.format = fmt, .flags = flags, .backing_dirs = cli_backing_dirs(),
+                             .snapshot = snapshot};
     if (ct_image_open(&img, file, &o, &err) < 0) {
         cli_error_err(file, &err);
         return 1;
