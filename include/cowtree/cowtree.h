@@ -80,6 +80,9 @@ int ct_image_open(struct ct_image **out, const char *path, const struct ct_open_
 int ct_image_close(struct ct_image *img, struct ct_err *err);
 
 uint64_t ct_image_size(const struct ct_image *img);
+/* Why a data-path call failed with -CT_E_CORRUPT (corruption found in this image or a
+ * backing file), or NULL. Borrowed, valid until close. */
+const char *ct_image_last_error(const struct ct_image *img);
 const char *ct_image_filename(const struct ct_image *img);
 const char *ct_image_format(const struct ct_image *img);
 /* Next image down the chain (borrowed, valid until close of the top), or NULL. */

@@ -62,7 +62,8 @@ int img_check(int argc, char **argv)
         flags = (flags & ~(unsigned)CT_OPEN_FORCE_SHARE) | CT_OPEN_WRITE | CT_OPEN_NO_REPAIR |
                 CT_OPEN_ALLOW_CORRUPT;
     }
-    struct ct_image *img = img_open(file, fmt, flags | CT_OPEN_NO_BACKING);
+    /* The chain is opened as qemu-img does: a missing backing file is an error. */
+    struct ct_image *img = img_open(file, fmt, flags);
     if (!img) {
         return 1;
     }

@@ -31,9 +31,15 @@ static json_object *info_json(struct ct_image *img)
             json_object_object_add(d, "lazy-refcounts",
                                    json_object_new_boolean(in.lazy_refcounts));
         }
+        if (in.version < 3) {
+            json_object_object_add(d, "compression-type", json_object_new_string("zlib"));
+        }
         json_object_object_add(d, "refcount-bits", json_object_new_int(in.refcount_bits));
-        json_object_object_add(d, "corrupt", json_object_new_boolean(in.corrupt));
-        json_object_object_add(d, "extended-l2", json_object_new_boolean(in.extended_l2));
+        if (in.version >= 3) {
+            /* qemu-img reports these for compat=1.1 only */
+            json_object_object_add(d, "corrupt", json_object_new_boolean(in.corrupt));
+            json_object_object_add(d, "extended-l2", json_object_new_boolean(in.extended_l2));
+        }
         json_object *fs = json_object_new_object();
         json_object_object_add(fs, "type", json_object_new_string("qcow2"));
         json_object_object_add(fs, "data", d);
@@ -93,9 +99,14 @@ static void info_human(struct ct_image *img)
             printf("    compression type: %s\n", in.compression_type ? "zstd" : "zlib");
             printf("    lazy refcounts: %s\n", in.lazy_refcounts ? "true" : "false");
         }
+        if (in.version < 3) {
+            printf("    compression type: zlib\n");
+        }
         printf("    refcount bits: %u\n", in.refcount_bits);
-        printf("    corrupt: %s\n", in.corrupt ? "true" : "false");
-        printf("    extended l2: %s\n", in.extended_l2 ? "true" : "false");
+        if (in.version >= 3) {
+            printf("    corrupt: %s\n", in.corrupt ? "true" : "false");
+            printf("    extended l2: %s\n", in.extended_l2 ? "true" : "false");
+        }
     }
 }
 

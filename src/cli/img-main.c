@@ -167,17 +167,24 @@ static int img_create(int argc, char **argv)
         cli_error("%s: Backing file specified without backing format (use -F FMT)", file);
         return 1;
     }
-    if (!quiet) {
-        char sz[32];
-        printf("Formatting '%s', fmt=%s size=%" PRIu64 "%s%s%s%s\n", file, o.format, o.size,
-               o.backing_file ? " backing_file=" : "", o.backing_file ? o.backing_file : "",
-               o.backing_format ? " backing_fmt=" : "", o.backing_format ? o.backing_format : "");
-        (void)sz;
-    }
     struct ct_err err = {0};
     if (ct_image_create(file, &o, &err) < 0) {
         cli_error_err(file, &err);
         return 1;
+    }
+    if (!quiet) {
+        /* The size is what the image got (the backing file's when none was given). */
+        uint64_t size = o.size;
+        struct ct_image *img;
+        struct ct_open_opts oo = {.format = o.format,
+                                  .flags = CT_OPEN_NO_BACKING | CT_OPEN_FORCE_SHARE};
+        if (ct_image_open(&img, file, &oo, NULL) == 0) {
+            size = ct_image_size(img);
+            ct_image_close(img, NULL);
+        }
+        printf("Formatting '%s', fmt=%s size=%" PRIu64 "%s%s%s%s\n", file, o.format, size,
+               o.backing_file ? " backing_file=" : "", o.backing_file ? o.backing_file : "",
+               o.backing_format ? " backing_fmt=" : "", o.backing_format ? o.backing_format : "");
     }
     return 0;
 }

@@ -15,6 +15,18 @@
 #include "cli/cli-util.h"
 
 static struct ct_image *img;
+static const char *img_path;
+static bool corruption_reported;
+
+/* A data-path failure caused by corruption: say once why, in the tool's error format. */
+static void report_corruption(void)
+{
+    const char *why = ct_image_last_error(img);
+    if (why && !corruption_reported) {
+        fprintf(stderr, "cowtree-io: %s: %s\n", img_path, why);
+        corruption_reported = true;
+    }
+}
 
 static int parse_num(const char *s, uint64_t *out)
 {
@@ -394,6 +406,9 @@ static int run_command(char *line)
         if (strcmp(argv[0], cmds[i].name) == 0) {
             int r = cmds[i].fn(argc, argv);
             fflush(stdout);
+            if (r < 0) {
+                report_corruption();
+            }
             return r;
         }
     }
@@ -446,6 +461,7 @@ int main(int argc, char **argv)
         return 1;
     }
     const char *file = argv[optind];
+    img_path = file;
     struct ct_err err = {0};
     struct ct_open_opts o = {.format = fmt, .flags = flags, .backing_dirs = cli_backing_dirs(),
                              .snapshot = snapshot};
@@ -485,7 +501,9 @@ int main(int argc, char **argv)
     }
     free(cmdv);
     if (ct_image_close(img, &err) < 0) {
-        cli_error_err(file, &err);
+        if (!corruption_reported) {
+            cli_error_err(NULL, &err);
+        }
         failed = 1;
     }
     return failed;

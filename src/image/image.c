@@ -280,6 +280,16 @@ struct ct_image *ct_image_backing(const struct ct_image *img)
     return img->backing;
 }
 
+const char *ct_image_last_error(const struct ct_image *img)
+{
+    for (const struct ct_image *l = img; l; l = l->backing) {
+        if (l->poison_msg[0]) {
+            return l->poison_msg;
+        }
+    }
+    return NULL;
+}
+
 int image_poison(struct ct_image *img, int err)
 {
     if (img->poison == 0) {

@@ -49,6 +49,7 @@ struct ct_image {
     unsigned flags; /* ct_open_flags */
     bool writable;
     int poison; /* 0, or the error that poisoned the handle */
+    char poison_msg[512]; /* why, when a driver said (corruption found on the data path) */
     unsigned depth;
     uint64_t cache_bytes; /* metadata cache budget (0 = default) */
     const char *snapshot; /* internal snapshot to show (read-only), borrowed during open */

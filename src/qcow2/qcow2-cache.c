@@ -82,6 +82,18 @@ static int find_slot(struct qcow2_cache *c, uint64_t off)
     return -1;
 }
 
+static int write_table(struct qcow2_cache *c, struct qcow2_cache_entry *e)
+{
+    struct qcow2_state *q = c->q;
+    int r = ct_file_pwrite(q->file, e->table, q->cluster_size, e->host_off);
+    if (r < 0) {
+        return image_poison(q->img, r);
+    }
+    q->unsynced = true;
+    e->dirty = false;
+    return 0;
+}
+
 int qcow2_cache_write_entry(struct qcow2_cache *c, struct qcow2_cache_entry *e)
 {
     struct qcow2_state *q = c->q;
@@ -99,17 +111,39 @@ int qcow2_cache_write_entry(struct qcow2_cache *c, struct qcow2_cache_entry *e)
             return r;
         }
     }
-    r = ct_file_pwrite(q->file, e->table, q->cluster_size, e->host_off);
-    if (r < 0) {
-        return image_poison(q->img, r);
-    }
-    q->unsynced = true;
-    e->dirty = false;
-    return 0;
+    return write_table(c, e);
 }
 
 int qcow2_cache_flush(struct qcow2_cache *c)
 {
+    if (c->kind == QCOW2_CACHE_L2) {
+        /* Q1/Q2 once for the whole batch: refcount blocks and data, one barrier, then every
+         * dirty L2 table without a barrier between them. */
+        bool any = false;
+        for (unsigned i = 0; i < c->nslots && !any; i++) {
+            any = c->slots[i].host_off && c->slots[i].dirty;
+        }
+        if (!any) {
+            return 0;
+        }
+        int r = qcow2_cache_flush(&c->q->rb_cache);
+        if (r == 0) {
+            r = qcow2_barrier(c->q);
+        }
+        if (r < 0) {
+            return r;
+        }
+        for (unsigned i = 0; i < c->nslots; i++) {
+            struct qcow2_cache_entry *e = &c->slots[i];
+            if (e->host_off && e->dirty) {
+                r = write_table(c, e);
+                if (r < 0) {
+                    return r;
+                }
+            }
+        }
+        return 0;
+    }
     for (unsigned i = 0; i < c->nslots; i++) {
         struct qcow2_cache_entry *e = &c->slots[i];
         if (e->host_off && e->dirty) {

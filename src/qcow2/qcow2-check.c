@@ -95,6 +95,10 @@ static int walk_l1(struct check *c, uint64_t l1_off, uint32_t l1_size, bool acti
         uint64_t prev_host = 0; /* contiguity is judged within one L2 table, as qemu-img does */
         uint64_t l1e = be64toh(l1[i]);
         uint64_t l2off = l1e & QCOW2_L1E_OFFSET_MASK;
+        if (l1e & QCOW2_L1E_RESERVED_MASK) {
+            say(c, "ERROR: L1 entry %u has reserved bits set: 0x%" PRIx64, i, l1e);
+            c->res->corruptions++;
+        }
         if (!l2off) {
             continue;
         }
@@ -129,6 +133,14 @@ static int walk_l1(struct check *c, uint64_t l1_off, uint32_t l1_size, bool acti
                 continue;
             }
             uint64_t host = l2e & QCOW2_L2E_OFFSET_MASK;
+            uint64_t reserved = QCOW2_L2E_STD_RESERVED_MASK |
+                                (q->version < 3 || q->ext_l2 ? QCOW2_OFLAG_ZERO : 0);
+            if (l2e & reserved) {
+                say(c, "ERROR: L2 entry 0x%" PRIx64 " at guest offset 0x%" PRIx64
+                       " has reserved bits set",
+                    l2e, guest);
+                c->res->corruptions++;
+            }
             if (q->ext_l2 && (bm & (bm >> 32) & 0xffffffffull)) {
                 say(c, "ERROR invalid subcluster bitmap 0x%" PRIx64 " at guest offset 0x%" PRIx64,
                     bm, guest);
@@ -360,6 +372,8 @@ static int rebuild_refcounts(struct check *c)
     q->reftable_clusters = (uint32_t)nt;
     q->reftable_broken = false;
     q->host_end = CT_MAX(q->host_end, (table_at + nt) << q->cluster_bits);
+    qcow2_meta_add(q, blocks_at << q->cluster_bits, nb << q->cluster_bits, QCOW2_META_REFBLOCK);
+    qcow2_meta_add(q, table_at << q->cluster_bits, nt << q->cluster_bits, QCOW2_META_REFTABLE);
     r = qcow2_write_header_fields(q, QH_REFTABLE_OFFSET, 12);
     if (r == 0) {
         r = qcow2_barrier(q);

@@ -93,6 +93,12 @@ static int l2_table_read(struct qcow2_state *q, uint64_t off, struct qcow2_cache
     if (!l2off) {
         return 0;
     }
+    int role = qcow2_meta_type(q, l2off >> q->cluster_bits);
+    if (role && role != QCOW2_META_L2) {
+        return qcow2_corrupt(q, "L1 entry %llu points to the %s at 0x%llx instead of an L2 table",
+                             (unsigned long long)i, qcow2_meta_name(role),
+                             (unsigned long long)l2off);
+    }
     if ((l2off & (q->cluster_size - 1)) || l2off >= file_end(q)) {
         return qcow2_corrupt(q, "L2 table offset 0x%llx (L1 index %llu) is unaligned or past the "
                              "end of the file",
@@ -121,6 +127,10 @@ static int decode(struct qcow2_state *q, uint64_t l2e, uint64_t bitmap, unsigned
     }
     if (!q->ext_l2) {
         if (l2e & QCOW2_OFLAG_ZERO) {
+            if (q->version < 3) {
+                return qcow2_corrupt(q, "zero cluster entry 0x%llx found in a version 2 image",
+                                     (unsigned long long)l2e);
+            }
             *kind = QK_ZERO;
         } else if (off == 0) {
             if (l2e & QCOW2_OFLAG_COPIED) {
@@ -407,6 +417,11 @@ static int l2_table_write(struct qcow2_state *q, uint64_t off, struct qcow2_cach
         }
     }
     qcow2_cache_mark_dirty(&q->l2_cache, e);
+    r = qcow2_meta_add(q, noff, q->cluster_size, QCOW2_META_L2);
+    if (r < 0) {
+        qcow2_cache_put(&q->l2_cache, e);
+        return r;
+    }
     q->l1[i] = noff | QCOW2_OFLAG_COPIED;
     q->l1_dirty_lo = CT_MIN(q->l1_dirty_lo, (uint32_t)i);
     q->l1_dirty_hi = CT_MAX(q->l1_dirty_hi, (uint32_t)i + 1);
@@ -472,11 +487,24 @@ static int read_cluster(struct ct_image *img, uint64_t cstart, uint8_t *buf)
 
 static int write_host(struct qcow2_state *q, const void *buf, uint64_t len, uint64_t host)
 {
-    int r = ct_file_pwrite(q->file, buf, len, host);
+    int r = qcow2_meta_check_data(q, host, len);
+    if (r < 0) {
+        return r;
+    }
+    r = ct_file_pwrite(q->file, buf, len, host);
     if (r == 0) {
         q->unsynced = true;
     }
     return r;
+}
+
+/* A cluster allocated for a write that then failed was never referenced: give it back now
+ * (no ordering concern, nothing points to it), so a failed write leaks nothing. */
+static void unallocate(struct qcow2_state *q, uint64_t host, uint64_t len)
+{
+    for (uint64_t c = host >> q->cluster_bits; c <= (host + len - 1) >> q->cluster_bits; c++) {
+        qcow2_refcount_update(q, c, -1);
+    }
 }
 
 /*
@@ -538,6 +566,9 @@ static int write_cow(struct ct_image *img, const uint8_t *buf, uint64_t n, uint6
     r = qcow2_alloc_clusters(q, 1, &noff);
     if (r == 0) {
         r = write_host(q, cbuf, q->cluster_size, noff);
+        if (r < 0) {
+            unallocate(q, noff, q->cluster_size);
+        }
     }
     if (r == 0) {
         uint64_t soff, slen;
@@ -566,6 +597,9 @@ static int write_new_clusters(struct qcow2_state *q, const uint8_t *buf, uint64_
     r = qcow2_alloc_clusters_upto(q, k, &noff, &got);
     if (r == 0) {
         r = write_host(q, buf, got << q->cluster_bits, noff);
+        if (r < 0) {
+            unallocate(q, noff, got << q->cluster_bits);
+        }
     }
     if (r == 0) {
         uint64_t idx = l2_index(q, off);
@@ -818,6 +852,11 @@ int qcow2_discard(struct ct_image *img, uint64_t len, uint64_t off)
     if (a >= b) {
         return 0;
     }
+    if (q->version < 3 && img->backing) {
+        /* v2 cannot make a cluster read as zero, and dropping it would expose the backing
+         * file's data: QEMU ignores such discards, and so do we (discard is advisory). */
+        return 0;
+    }
     int r = qcow2_mark_dirty(q);
     return r < 0 ? r : qcow2_discard_range(q, a, b - a, false);
 }
@@ -911,9 +950,13 @@ int qcow2_pwrite_compressed(struct qcow2_state *q, const uint8_t *buf, uint64_t 
     uint64_t host = 0;
     if (r == 0) {
         r = alloc_bytes(q, clen, &host);
-    }
-    if (r == 0) {
-        r = write_host(q, out, clen, host);
+        if (r == 0) {
+            r = write_host(q, out, clen, host);
+            if (r < 0) {
+                unallocate(q, host, clen);
+                q->cfree_off = 0;
+            }
+        }
     }
     free(out);
     if (r < 0) {

@@ -132,6 +132,10 @@ static int move_one(struct qcow2_state *q, const struct owner *o, uint64_t dst, 
         return r;
     }
     if (o->l2_off == 0) {
+        r = qcow2_meta_add(q, dst_off, q->cluster_size, QCOW2_META_L2);
+        if (r < 0) {
+            return r;
+        }
         /* Q3: the L1 entry is written by flush_metadata after a barrier. */
         q->l1[o->index] = dst_off | QCOW2_OFLAG_COPIED;
         q->l1_dirty_lo = CT_MIN(q->l1_dirty_lo, (uint32_t)o->index);

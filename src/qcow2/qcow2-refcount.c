@@ -142,7 +142,8 @@ static int reserve(struct qcow2_state *q, uint64_t start, uint64_t n)
 /* Is the cluster in use according to refcounts (and the repair map, and reservations)? */
 static int cluster_used(struct qcow2_state *q, uint64_t c, bool *used)
 {
-    if (is_reserved(q, c) || (q->repair_refs && c < q->repair_nclusters && q->repair_refs[c])) {
+    if (is_reserved(q, c) || (q->repair_refs && c < q->repair_nclusters && q->repair_refs[c]) ||
+        qcow2_meta_type(q, c)) {
         *used = true;
         return 0;
     }
@@ -171,6 +172,20 @@ static int find_free(struct qcow2_state *q, uint64_t n, bool partial, uint64_t *
                 run_start = c;
             }
             uint64_t take = CT_MIN(block_end - c, n - run);
+            /* Metadata never has refcount 0 in a sound image; in a damaged one, skip it. */
+            uint64_t k = 0;
+            while (k < take && !qcow2_meta_type(q, c + k)) {
+                k++;
+            }
+            if (k < take) {
+                if (partial && run + k > 0) {
+                    run += k;
+                    break;
+                }
+                run = 0;
+                c += k + 1;
+                continue;
+            }
             run += take;
             c += take;
         } else {
@@ -224,7 +239,12 @@ static int new_refblock(struct qcow2_state *q, uint64_t rt)
         q->repair_refs[b]++; /* a repair's own allocation is a reference too */
     }
     if (!self) {
+        /* Q2: the block's own refcount lives in another block, which must reach the disk
+         * before the table entry that makes this block a reference. */
         r = qcow2_refcount_update(q, b, 1);
+        if (r == 0) {
+            r = qcow2_cache_flush(&q->rb_cache);
+        }
         if (r < 0) {
             goto out;
         }
@@ -234,7 +254,8 @@ static int new_refblock(struct qcow2_state *q, uint64_t rt)
     if (r < 0) {
         goto out;
     }
-    if (self) {
+    r = qcow2_meta_add(q, b << q->cluster_bits, q->cluster_size, QCOW2_META_REFBLOCK);
+    if (self && r == 0) {
         qcow2_refblock_entry_set(q, e->table, b % q->refblock_entries, 1);
         q->host_end = CT_MAX(q->host_end, (b + 1) << q->cluster_bits);
     }
@@ -242,6 +263,9 @@ static int new_refblock(struct qcow2_state *q, uint64_t rt)
     e->dirty = true;
     r = qcow2_cache_write_entry(&q->rb_cache, e);
     qcow2_cache_put(&q->rb_cache, e);
+    if (r == 0 && !q->reftable_pending) {
+        r = qcow2_barrier(q); /* the block (and its refcount) before the table entry */
+    }
     if (r < 0) {
         goto out;
     }
@@ -396,7 +420,12 @@ static int grow_reftable(struct qcow2_state *q, uint64_t min_index)
         goto fail_poison;
     }
     q->unsynced = true;
-    r = qcow2_barrier(q);
+    /* Q2/Q5: the table's own refcounts (and any new blocks) are on disk before the header
+     * names the table. */
+    r = qcow2_cache_flush(&q->rb_cache);
+    if (r == 0) {
+        r = qcow2_barrier(q);
+    }
     if (r < 0) {
         goto fail_poison;
     }
@@ -412,6 +441,11 @@ static int grow_reftable(struct qcow2_state *q, uint64_t min_index)
     }
     q->reftable_pending = false;
     free(old);
+    r = qcow2_meta_add(q, start << q->cluster_bits, clusters << q->cluster_bits,
+                       QCOW2_META_REFTABLE);
+    if (r < 0) {
+        return r;
+    }
     return qcow2_free_later(q, old_off, (uint64_t)old_clusters << q->cluster_bits);
 
 fail_poison:
@@ -514,6 +548,10 @@ int qcow2_apply_pending_frees(struct qcow2_state *q)
         for (uint64_t c = first; c <= last; c++) {
             qcow2_cache_discard(&q->l2_cache, c << q->cluster_bits);
             int r = qcow2_refcount_update(q, c, -1);
+            uint64_t left = 1;
+            if (r == 0 && qcow2_refcount_get(q, c, &left) == 0 && left == 0) {
+                qcow2_meta_remove(q, c); /* no longer anything's metadata */
+            }
             if (r < 0) {
                 /* Remaining entries stay queued: at worst leaks. */
                 memmove(q->pending, q->pending + i, (q->npending - i) * sizeof(*q->pending));

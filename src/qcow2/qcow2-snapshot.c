@@ -186,6 +186,9 @@ static int write_table(struct qcow2_state *q, struct qcow2_snapshot *snaps, uint
         }
         r = qcow2_alloc_clusters(q, clusters, &off);
         if (r == 0) {
+            r = qcow2_meta_add(q, off, len, QCOW2_META_SNAPTABLE);
+        }
+        if (r == 0) {
             r = qcow2_cache_flush(&q->rb_cache);
         }
         if (r == 0) {
@@ -498,6 +501,9 @@ int qcow2_snapshot_create(struct qcow2_state *q, const char *name,
     uint64_t l1_off = 0;
     if (q->l1_size) {
         r = qcow2_alloc_clusters(q, l1_bytes >> q->cluster_bits, &l1_off);
+        if (r == 0) {
+            r = qcow2_meta_add(q, l1_off, l1_bytes, QCOW2_META_SNAP_L1);
+        }
     }
     if (r == 0) {
         r = qcow2_flush_metadata(q);
@@ -686,6 +692,9 @@ int qcow2_snapshot_apply(struct qcow2_state *q, const char *key, struct ct_err *
     uint64_t off = 0;
     if (r == 0 && bytes) {
         r = qcow2_alloc_clusters(q, bytes >> q->cluster_bits, &off);
+        if (r == 0) {
+            r = qcow2_meta_add(q, off, bytes, QCOW2_META_L1);
+        }
     }
     if (r == 0) {
         r = qcow2_flush_metadata(q);
@@ -735,6 +744,12 @@ int qcow2_snapshot_apply(struct qcow2_state *q, const char *key, struct ct_err *
         return image_poison(img, r);
     }
     qcow2_cache_drop_all(&q->l2_cache);
+    for (uint32_t i = 0; i < q->l1_size; i++) {
+        uint64_t l2 = q->l1[i] & QCOW2_L1E_OFFSET_MASK;
+        if (l2) {
+            qcow2_meta_add(q, l2, q->cluster_size, QCOW2_META_L2);
+        }
+    }
     /* Release the old active state (Q4), then restore COPIED flags. */
     r = adjust_refs(q, old_l1, old_size, -1, false, false);
     if (r == 0 && old_size) {

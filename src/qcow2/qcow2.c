@@ -31,14 +31,15 @@ int qcow2_barrier(struct qcow2_state *q)
 int qcow2_corrupt(struct qcow2_state *q, const char *fmt, ...)
 {
     if (!q->img->poison) {
-        char msg[512];
+        /* The data path returns only a code; the message waits in the handle for the caller
+         * (ct_image_last_error). Libraries do not print. */
+        char msg[400];
         va_list ap;
         va_start(ap, fmt);
         vsnprintf(msg, sizeof(msg), fmt, ap);
         va_end(ap);
-        /* The data path has no error channel but the code; the tools print this once. */
-        fprintf(stderr, "qcow2: %s: image is corrupt: %s; further access is refused\n",
-                q->img->filename, msg);
+        snprintf(q->img->poison_msg, sizeof(q->img->poison_msg),
+                 "image is corrupt: %s; further access is refused", msg);
     }
     return image_poison(q->img, -CT_E_CORRUPT);
 }
@@ -60,7 +61,8 @@ const char *qcow2_feature_name(struct qcow2_state *q, int type, int bit, char *b
 static void build_header(const struct qcow2_state *q, uint8_t *h, uint64_t backing_off,
                          uint32_t backing_len)
 {
-    memset(h, 0, QH_V3_LENGTH);
+    /* Only the header's own length: a v2 header's extensions start at byte 72. */
+    memset(h, 0, q->version >= 3 ? QH_V3_LENGTH : QH_V2_LENGTH);
     st_be32(h + QH_MAGIC, QCOW2_MAGIC);
     st_be32(h + QH_VERSION, (uint32_t)q->version);
     st_be64(h + QH_BACKING_OFFSET, backing_off);
@@ -150,9 +152,6 @@ int qcow2_rewrite_header(struct qcow2_state *q)
     if (img->backing_format) {
         need += ext_size((uint32_t)strlen(img->backing_format));
     }
-    if (q->version >= 3) {
-        need += ext_size(48 * CT_ARRAY_SIZE(known_features));
-    }
     if (q->bitmaps_ext) {
         need += ext_size(q->bitmaps_ext_len);
     }
@@ -160,6 +159,14 @@ int qcow2_rewrite_header(struct qcow2_state *q)
         need += ext_size(q->exts[i].len);
     }
     size_t blen = img->backing_name ? strlen(img->backing_name) : 0;
+    /* The feature name table is optional: left out when the first cluster is too small for
+     * it, as QEMU does with 512-byte clusters. */
+    bool feature_table = q->version >= 3 &&
+                         hl + need + ext_size(48 * CT_ARRAY_SIZE(known_features)) + blen <=
+                             q->cluster_size;
+    if (feature_table) {
+        need += ext_size(48 * CT_ARRAY_SIZE(known_features));
+    }
     if (hl + need + blen > q->cluster_size) {
         goto out;
     }
@@ -167,7 +174,7 @@ int qcow2_rewrite_header(struct qcow2_state *q)
         p = put_ext(p, QCOW2_EXT_BACKING_FORMAT, img->backing_format,
                     (uint32_t)strlen(img->backing_format));
     }
-    if (q->version >= 3) {
+    if (feature_table) {
         uint8_t table[48 * CT_ARRAY_SIZE(known_features)];
         memset(table, 0, sizeof(table));
         for (size_t i = 0; i < CT_ARRAY_SIZE(known_features); i++) {
@@ -357,6 +364,11 @@ int qcow2_grow_l1(struct qcow2_state *q, uint32_t min_size)
     if (r < 0) {
         free(nl1);
         return image_poison(q->img, r);
+    }
+    r = qcow2_meta_add(q, off, bytes, QCOW2_META_L1);
+    if (r < 0) {
+        free(nl1);
+        return r;
     }
     uint64_t old_off = q->l1_offset, old_bytes = ct_align_up((uint64_t)q->l1_size * 8,
                                                              q->cluster_size);
@@ -831,6 +843,32 @@ static int qcow2_open(struct ct_image *img, struct ct_err *err)
     if (r < 0) {
         goto fail;
     }
+    r = qcow2_meta_build(q);
+    if (r < 0) {
+        ct_err_set(err, r, "out of memory");
+        goto fail;
+    }
+    if (img->writable && !(img->flags & CT_OPEN_ALLOW_CORRUPT)) {
+        if (q->meta.conflicts) {
+            r = ct_err_set(err, -CT_E_CORRUPT,
+                           "metadata structures overlap (%llu clusters are claimed by two "
+                           "tables); the image can be opened read-only or repaired with "
+                           "'cowtree-img check -r all'",
+                           (unsigned long long)q->meta.conflicts);
+            goto fail;
+        }
+        for (uint64_t i = 0; i < q->reftable_entries; i++) {
+            uint64_t rb = q->reftable[i] & QCOW2_REFT_OFFSET_MASK;
+            if (rb >= file_size) {
+                r = ct_err_set(err, -CT_E_CORRUPT,
+                               "refcount block %llu (offset 0x%llx) lies past the end of the "
+                               "file; writing would use wrong refcounts (repair with "
+                               "'cowtree-img check -r all')",
+                               (unsigned long long)i, (unsigned long long)rb);
+                goto fail;
+            }
+        }
+    }
     if (img->snapshot) {
         if (img->writable) {
             r = ct_err_set(err, -EINVAL, "a snapshot can only be opened read-only");
@@ -885,6 +923,7 @@ static void free_state(struct qcow2_state *q)
     free(q->pending);
     free(q->cbuf);
     free(q->zeros);
+    qcow2_meta_free(q);
     free(q->cin);
     free(q);
 }

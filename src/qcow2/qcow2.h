@@ -94,6 +94,24 @@ struct qcow2_ext {
     uint8_t *data;
 };
 
+enum {
+    QCOW2_META_HEADER = 1,
+    QCOW2_META_L1,
+    QCOW2_META_REFTABLE,
+    QCOW2_META_REFBLOCK,
+    QCOW2_META_SNAPTABLE,
+    QCOW2_META_SNAP_L1,
+    QCOW2_META_L2,
+    QCOW2_META_TOMBSTONE = 255,
+};
+
+struct qcow2_meta_set {
+    uint64_t *keys; /* cluster indexes */
+    uint8_t *types;
+    uint64_t cap, used;
+    uint64_t conflicts; /* clusters claimed by two roles */
+};
+
 struct qcow2_pending_free {
     uint64_t off, len; /* host byte range; every cluster it touches loses one reference */
 };
@@ -144,6 +162,7 @@ struct qcow2_state {
     uint32_t bitmaps_ext_len;
 
     struct qcow2_cache l2_cache, rb_cache;
+    struct qcow2_meta_set meta;
 
     uint64_t free_hint; /* cluster index where the free-cluster search starts */
     struct {
@@ -266,6 +285,17 @@ int qcow2_compress(int type, const uint8_t *in, size_t in_len, uint8_t *out, siz
 /* Report (merged, ascending) the guest extents that may differ between two L1 tables. */
 int qcow2_diff_l1(struct qcow2_state *q, const uint64_t *a, uint32_t na, const uint64_t *b,
                   uint32_t nb, uint64_t size_a, uint64_t size_b, qcow2_diff_fn fn, void *opaque);
+
+/* ---- qcow2-overlap.c ---- */
+
+int qcow2_meta_build(struct qcow2_state *q);
+int qcow2_meta_add(struct qcow2_state *q, uint64_t off, uint64_t len, int type);
+void qcow2_meta_remove(struct qcow2_state *q, uint64_t cluster);
+int qcow2_meta_type(const struct qcow2_state *q, uint64_t cluster);
+const char *qcow2_meta_name(int type);
+/* -CT_E_CORRUPT (handle poisoned) if [off, off+len) touches metadata. */
+int qcow2_meta_check_data(struct qcow2_state *q, uint64_t off, uint64_t len);
+void qcow2_meta_free(struct qcow2_state *q);
 
 /* ---- qcow2-amend.c ---- */
 

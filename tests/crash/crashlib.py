@@ -25,6 +25,7 @@ applied -- old or new per request, never a mix inside a sector, never foreign by
 """
 
 import concurrent.futures
+import itertools
 import json
 import os
 import random
@@ -142,7 +143,7 @@ def cmdline(argv, env_extra=None, tools=None):
 
 def qemu_check(path, cwd=None):
     """qemu-img check --output=json: (rc, parsed dict or None, human output)."""
-    r = run(["qemu-img", "check", "--output=json", path], cwd=cwd)
+    r = run(["qemu-img", "check", "-f", "qcow2", "--output=json", path], cwd=cwd)
     info = None
     try:
         info = json.loads(r.out) if r.out.strip() else None
@@ -150,7 +151,7 @@ def qemu_check(path, cwd=None):
         info = None
     human = None
     if r.rc not in (0,):
-        human = run(["qemu-img", "check", path], cwd=cwd)
+        human = run(["qemu-img", "check", "-f", "qcow2", path], cwd=cwd)
         human = (human.out + human.err).strip()
     return r.rc, info, human
 
@@ -387,7 +388,7 @@ class Scenario:
                                   big_write=variant.big_write)
         self.n = len(self.cmds)
         self.recipe = []  # (env, argv) with relative file names, run in an empty directory
-        self.trial_seq = 0
+        self.trial_seq = itertools.count(1)  # next() is atomic: trials run in threads
         self.setup_problems = []
         self.headers = {}
         self.coverage = ""
@@ -473,8 +474,7 @@ class Scenario:
         self.base_pad = self.base_raw + bytes(self.maxsize - len(self.base_raw))
 
     def new_trial_dir(self, tag):
-        self.trial_seq += 1
-        d = os.path.join(self.dir, "%s-%d" % (tag, self.trial_seq))
+        d = os.path.join(self.dir, "%s-%d" % (tag, next(self.trial_seq)))
         os.makedirs(d)
         if self.v.backing:
             os.symlink(os.path.join(self.start_dir, "base.qcow2"), os.path.join(d, "base.qcow2"))
@@ -490,7 +490,9 @@ class Scenario:
         for argv in self.recipe:
             lines.append(cmdline(argv))
         lines.append(cmdline(self.workload_argv(), env_extra))
-        lines.append("qemu-img check ov.qcow2")
+        lines.append("qemu-img check ov.qcow2                      # (a) leaks at most")
+        lines.append("%s -c 'read 0 4k' ov.qcow2 && qemu-img check ov.qcow2   # (b) clean" %
+                     shlex.quote(self.t.io))
         if extra_note:
             lines.append(extra_note)
         return "\n".join(lines)
@@ -585,6 +587,10 @@ class Scenario:
                 self.effects.append(eff)
         if problems:
             return problems
+        self.final = bytes(model)
+        problems += self.oracle_selftest()
+        if problems:
+            return problems
         self.total_writes, self.total_flushes = self.counts[n]
         h0 = qcow2_header(os.path.join(self.start_dir, "ov.qcow2"))
         l1s = {h0["l1_offset"]} | {h["l1_offset"] for h in self.headers.values()}
@@ -592,7 +598,6 @@ class Scenario:
         self.coverage = ("file grows %d -> %d bytes; L1 table at %d place(s), refcount table at "
                          "%d place(s)" % (h0["file_size"], self.headers[n]["file_size"],
                                           len(l1s), len(rts)))
-        self.final = bytes(model)
 
         # The same workload through qemu-io must give the same content.
         d = self.new_trial_dir("qemu")
@@ -621,6 +626,24 @@ class Scenario:
                     c.off < (s + 1) * SECTOR and c.off + c.length > s * SECTOR:
                 return " [last written by command %d `%s`]" % (i, c.text())
         return ""
+
+    def oracle_selftest(self):
+        """The oracle must accept the clean result and reject obviously wrong content."""
+        errs = []
+        allc = [(i, True) for i in range(1, self.n + 1)]
+        P, sizes = self.possible(allc)
+        final = self.final[:self.sizes[-1]]
+        if self.verify(final, P, sizes):
+            errs.append("oracle rejects the clean result: %s" % self.verify(final, P, sizes)[:2])
+        if not self.verify(self.s0[:self.v.size], P, sizes):
+            errs.append("oracle accepts the starting content as the fully durable result")
+        bad = bytearray(final)
+        touched = sorted(P)
+        s = touched[len(touched) // 2]
+        bad[s * SECTOR + 100] ^= 0xff
+        if not self.verify(bytes(bad), P, sizes):
+            errs.append("oracle accepts a flipped byte in sector %d" % s)
+        return ["harness self-test: " + e for e in errs]
 
     def flush_indices(self):
         return [i for i in range(1, self.n + 1) if self.cmds[i - 1].kind == "flush"]
@@ -804,6 +827,14 @@ class Report:
         log("%s: %d fault points tried, %d failed, %.1fs" % (
             self.title, self.tried, len(self.failures), time.time() - self.t0))
         return 1 if self.failures else 0
+
+
+def done_with(d, failed):
+    """Remove a trial directory (kept on failure when COWTREE_CRASH_KEEP=1)."""
+    if failed and os.environ.get("COWTREE_CRASH_KEEP") == "1":
+        log("kept " + d)
+        return
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def parallel(tools, fn, items):

@@ -16,6 +16,7 @@ After every kill:
 import os
 import sys
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import crashlib as cl  # noqa: E402
 
@@ -42,8 +43,9 @@ def kill_trial(scn, kind, k):
         cl.shutil.rmtree(d)
         return label, None, "not-reached", None
     if r.rc != -9:
+        cl.done_with(d, True)
         return label, ["the workload run should have been killed by SIGKILL at %s %d but "
-                       "ended with %s" % (kind, k, r.describe())], "bad-exit", None
+                       "ended with %s" % (kind, k, r.describe())], "bad-exit", scn.repro(env)
     st = cl.parse_progress(r.out)
     m = len(st)
     problems = []
@@ -62,9 +64,9 @@ def kill_trial(scn, kind, k):
             [(i, False) for i in range(durable + 1, last + 1)]
     problems += cl.post_fault_checks(scn, d, modes)
     where = "killed during %s; durable through command %d" % (scn.describe_cmd(m + 1), durable)
+    cl.done_with(d, bool(problems))
     if problems:
         return label, [where] + problems, "fail", scn.repro(env)
-    cl.shutil.rmtree(d)
     return label, None, "ok", None
 
 

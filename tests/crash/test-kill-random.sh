@@ -15,5 +15,5 @@ requires qemu-img qemu-io python3
 W=$(mktemp -d /dev/shm/ct-crash.XXXXXX 2>/dev/null) || W=$(mktemp -d "$T/w.XXXXXX")
 trap 'rm -rf "$T" "$W"' EXIT
 rc=0
-COWTREE_BUILD="$COWTREE_BUILD" python3 "$COWTREE_TOP/tests/crash/kill_random.py" "$W" || rc=$?
+PYTHONDONTWRITEBYTECODE=1 COWTREE_BUILD="$COWTREE_BUILD" python3 "$COWTREE_TOP/tests/crash/kill_random.py" "$W" || rc=$?
 exit $rc

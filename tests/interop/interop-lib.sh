@@ -3,6 +3,8 @@
 . "${COWTREE_TOP:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}/tests/lib/common.sh"
 requires qemu-img qemu-io python3
 DIFFRAND="$COWTREE_TOP/tests/lib/diffrand.py"
+# the interpreter itself (a pyenv shim in front of it costs a lot per call)
+PY=$(python3 -c "import sys; print(sys.executable)")
 [ -x "$CT_IMG" ] || die "missing $CT_IMG"
 [ -x "$CT_IO" ] || die "missing $CT_IO"
 LONG=${COWTREE_TEST_LONG:-0}
@@ -74,6 +76,27 @@ workload() {
     fi
 }
 
+# chain_scripts C0 C1 C2 SB SM ST BASE-FORMAT: write base.w, mid.w, top.w (the commands for the
+# three layers of a chain; Cn cluster sizes, Sx image sizes) in the current directory.
+chain_scripts() {
+    local c0=$1 c1=$2 c2=$3 sb=$4 sm=$5 st=$6 bfmt=$7
+    workload "$c0" "$sb" 0x10 0 "$bfmt" 0 >base.w
+    {
+        # first a long discard over base data (zero clusters over a backing file on v3;
+        # ignored on v2), then the middle layer's own writes land partly on top of it
+        echo "discard $((2 * c1 + 1)) $((sb - 2 * c1))"
+        workload "$c1" "$sm" 0x40 $((c1 / 3 + 5)) qcow2 "$sb"
+        echo "write -z $((c0 / 2)) $((2 * c0))           # zeroes over base data"
+        echo "write -z $((sb - 1000)) 2000               # zeroes across the base end"
+    } >mid.w
+    {
+        workload "$c2" "$st" 0x70 $((2 * c2 / 3 + 11)) qcow2 "$sm"
+        echo "discard $((sm + c2 / 2)) $((st - sm - c2 / 2))  # up to the end of the image"
+        echo "write -P 0x7e $((st - 100)) 100            # reallocate the last cluster"
+        echo "write -P 0x7f $((sm - 2 * c2 - 7)) $((3 * c2 + 1))  # over the backing end"
+    } >top.w
+}
+
 # io_script TOOL FORMAT IMAGE SCRIPT [TOOL OPTIONS...]: run every command of SCRIPT (one per
 # line, # comments) in one TOOL process; fail on a non-zero exit or a verification failure.
 io_script() {
@@ -99,26 +122,22 @@ io_script() {
     fi
 }
 
-# Expected-content read script for a chain. Args: OUT VIEW-INDEX LAYERSPEC... (see diffrand.py)
+# Expected-content read scripts for a chain: PREFIX0, PREFIX1, ... verify every byte of the
+# view of layer 0, 1, ... Args: PREFIX LAYERSPEC... (see diffrand.py)
 expect() {
-    local out=$1 view=$2
-    shift 2
+    local prefix=$1
+    shift
     local a=()
     for l in "$@"; do a+=(--layer "$l"); done
-    python3 "$DIFFRAND" expect --view "$view" "${a[@]}" >"$out" || die "diffrand.py expect failed"
+    "$PY" "$DIFFRAND" expect --all-views "$prefix" "${a[@]}" || die "diffrand.py expect failed"
 }
 
-# json_fields QEMU.json OTHER.json FIELD...: the dotted FIELDs must be equal (or both absent).
+# json_fields QEMU.json:OTHER.json[,QEMU2.json:OTHER2.json...] FIELD...: in each pair of JSON
+# files the dotted FIELDs must be equal (or absent from both).
 json_fields() {
-    python3 - "$@" <<'EOF' || die "info --output=json differs from qemu-img (see above)"
+    "$PY" - "$@" <<'EOF' || die "info --output=json differs from the reference (see above)"
 import json, sys
-a_path, b_path, fields = sys.argv[1], sys.argv[2], sys.argv[3:]
-try:
-    a = json.load(open(a_path))
-    b = json.load(open(b_path))
-except ValueError as e:
-    print("not JSON: %s" % e, file=sys.stderr)
-    sys.exit(1)
+pairs, fields = sys.argv[1], sys.argv[2:]
 MISSING = "<absent>"
 def get(d, path):
     for k in path.split("."):
@@ -127,12 +146,21 @@ def get(d, path):
         d = d[k]
     return d
 bad = 0
-for f in fields:
-    x, y = get(a, f), get(b, f)
-    if x != y:
-        print("field %s: qemu-img says %r, cowtree-img says %r (%s)" % (f, x, y, b_path),
-              file=sys.stderr)
+for pair in pairs.split(","):
+    a_path, b_path = pair.split(":")
+    try:
+        a = json.load(open(a_path))
+        b = json.load(open(b_path))
+    except ValueError as e:
+        print("%s: not JSON: %s" % (b_path, e), file=sys.stderr)
         bad = 1
+        continue
+    for f in fields:
+        x, y = get(a, f), get(b, f)
+        if x != y:
+            print("field %s: %r in %s (reference), %r in %s" % (f, x, a_path, y, b_path),
+                  file=sys.stderr)
+            bad = 1
 sys.exit(bad)
 EOF
 }
@@ -147,7 +175,57 @@ qcheck_clean() {
     [ "$rc" -eq 0 ] || die "qemu-img check $*: rc=$rc: $(head -20 <<<"$out")"
 }
 
+# Some text that compresses, but not to nothing, and is no single byte pattern.
+text_file() { # FILE BYTES SEED
+    "$PY" -c '
+import base64, random, sys
+r = random.Random(int(sys.argv[3]))
+n = int(sys.argv[2])
+data = base64.b64encode(bytes(r.randrange(256) for _ in range(n * 3 // 4 + 3)))[:n]
+open(sys.argv[1], "wb").write(data)' "$@"
+}
+
+# make_compressed CLUSTER CREATE-OPTIONS: in the current directory, src.raw (the workload
+# src.w written by qemu-io plus TLEN bytes of text at TXT) and comp.qcow2, its
+# `qemu-img convert -c`. Sets SIZE, TXT, TLEN and NCOMP (compressed clusters made).
+make_compressed() {
+    local c=$1 opts=$2
+    read -r SIZE _ <<<"$(sizes_for "$c")"
+    TXT=$((14 * c)) TLEN=$((c > 65536 ? c : 65536))
+    ok qemu-img create -q -f raw src.raw "$SIZE"
+    workload "$c" "$SIZE" 0x21 0 raw 0 >src.w
+    io_script qemu-io raw src.raw src.w
+    text_file text.bin "$TLEN" "$c"
+    ok dd if=text.bin of=src.raw bs=4096 seek="$TXT" oflag=seek_bytes conv=notrunc status=none
+    ok qemu-img convert -c -f raw -O qcow2 -o "$opts" src.raw comp.qcow2
+    NCOMP=$(compressed_clusters comp.qcow2)
+    [ "$NCOMP" -gt 0 ] || die "qemu-img convert -c -o $opts made no compressed cluster"
+}
+
 # Count of compressed clusters that qemu-img check --output=json reports.
 compressed_clusters() {
-    qemu-img check --output=json "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("compressed-clusters", 0))'
+    qemu-img check --output=json "$1" | "$PY" -c 'import json,sys; print(json.load(sys.stdin).get("compressed-clusters", 0))'
+}
+
+# run_case NAME COMMAND...: run one test case in a subshell (its own cwd, `set -e` active);
+# a failing case is recorded and the next one still runs. finish fails if any case failed.
+FAILED=()
+run_case() {
+    local name=$1 rc
+    shift
+    set +e
+    (
+        set -e
+        "$@"
+    )
+    rc=$?
+    set -e
+    if [ "$rc" -ne 0 ]; then
+        FAILED+=("$name")
+        echo "FAILED case $name" >&2
+    fi
+}
+finish() {
+    [ "${#FAILED[@]}" -eq 0 ] || die "${#FAILED[@]} failed case(s): ${FAILED[*]}"
+    echo "all cases passed"
 }

@@ -22,14 +22,21 @@ INFO_FIELDS=(virtual-size cluster-size format backing-filename backing-filename-
     format-specific.data.lazy-refcounts format-specific.data.extended-l2
     format-specific.data.compression-type)
 
-# info_matches FILE FORMAT [EXTRA FIELD...]
+# info_matches FILE:FORMAT[,FILE:FORMAT...] [EXTRA FIELD...]: cowtree-img info --output=json
+# agrees with qemu-img info --output=json on INFO_FIELDS (and the extra ones).
 info_matches() {
-    local f=$1 fmt=$2
-    shift 2
-    qemu-img info -f "$fmt" --output=json "$f" >"$f.qemu.json" || die "qemu-img info $f"
-    "$CT_IMG" info -f "$fmt" --output=json "$f" >"$f.ct.json" ||
-        die "cowtree-img info -f $fmt --output=json $f: rc=$?"
-    json_fields "$f.qemu.json" "$f.ct.json" "${INFO_FIELDS[@]}" "$@"
+    local files=$1 pairs="" f fmt x
+    shift
+    local list
+    IFS=, read -ra list <<<"$files"
+    for x in "${list[@]}"; do
+        f=${x%%:*} fmt=${x#*:}
+        qemu-img info -f "$fmt" --output=json "$f" >"$f.qemu.json" || die "qemu-img info $f"
+        "$CT_IMG" info -f "$fmt" --output=json "$f" >"$f.ct.json" ||
+            die "cowtree-img info -f $fmt --output=json $f: rc=$?"
+        pairs+=${pairs:+,}$f.qemu.json:$f.ct.json
+    done
+    json_fields "$pairs" "${INFO_FIELDS[@]}" "$@"
 }
 
 # ct_check_clean FILE: cowtree-img check must exit 0 on an image qemu-img calls clean.
@@ -68,12 +75,7 @@ chain_case() { # NAME BASE-FORMAT OPTIONS
     fi
     ok qemu-img create -q -f qcow2 -o "$o1" -b "base.$bfmt" -F "$bfmt" mid.qcow2 "$sm"
     ok qemu-img create -q -f qcow2 -o "$o2" -b mid.qcow2 -F qcow2 top.qcow2 "$st"
-    workload "$c0" "$sb" 0x10 0 "$bfmt" 0 >base.w
-    workload "$c1" "$sm" 0x40 $((c1 / 3 + 5)) qcow2 "$sb" >mid.w
-    # the middle layer also zeroes a range that holds base data and reaches past the base
-    echo "write -z $((c0 / 2)) $((2 * c0))" >>mid.w
-    echo "write -z $((sb - 1000)) 2000" >>mid.w
-    workload "$c2" "$st" 0x70 $((2 * c2 / 3 + 11)) qcow2 "$sm" >top.w
+    chain_scripts "$c0" "$c1" "$c2" "$sb" "$sm" "$st" "$bfmt"
     io_script qemu-io "$bfmt" "base.$bfmt" base.w
     io_script qemu-io qcow2 mid.qcow2 mid.w
     io_script qemu-io qcow2 top.qcow2 top.w
@@ -83,50 +85,25 @@ chain_case() { # NAME BASE-FORMAT OPTIONS
         "fmt=qcow2,compat=$(compat_of "$o1"),cluster=$c1,size=$sm,script=mid.w"
         "fmt=qcow2,compat=$(compat_of "$o2"),cluster=$c2,size=$st,script=top.w"
     )
-    expect exp0 0 "${specs[@]}"
-    expect exp1 1 "${specs[@]}"
-    expect exp2 2 "${specs[@]}"
+    expect exp "${specs[@]}"
     verify "base.$bfmt" "$bfmt" exp0 -r
     verify mid.qcow2 qcow2 exp1 -r
     verify top.qcow2 qcow2 exp2 # read-write open: must leave the image clean
     if [ "$bfmt" = qcow2 ]; then ct_check_clean base.qcow2; fi
     ct_check_clean mid.qcow2
     ct_check_clean top.qcow2
-    info_matches "base.$bfmt" "$bfmt"
-    info_matches mid.qcow2 qcow2
-    info_matches top.qcow2 qcow2
-    cd "$T"
+    info_matches "base.$bfmt:$bfmt,mid.qcow2:qcow2,top.qcow2:qcow2"
     echo "ok chain $name"
-}
-
-# Some text that compresses, but not to nothing, and is no single byte pattern.
-text_file() { # FILE BYTES SEED
-    python3 -c '
-import base64, random, sys
-r = random.Random(int(sys.argv[3]))
-n = int(sys.argv[2])
-data = base64.b64encode(bytes(r.randrange(64) for _ in range(n * 3 // 4 + 3)))[:n]
-open(sys.argv[1], "wb").write(data)' "$@"
 }
 
 compressed_case() { # NAME CLUSTER CREATE-OPTIONS (compression_type etc.)
     local name=$1 c=$2 opts=$3
     mkdir "comp-$name"
     cd "comp-$name"
-    local s txt tlen
-    read -r s _ <<<"$(sizes_for "$c")"
-    txt=$((14 * c)) tlen=$((c > 65536 ? c : 65536))
-    ok qemu-img create -q -f raw src.raw "$s"
-    workload "$c" "$s" 0x21 0 raw 0 >src.w
-    io_script qemu-io raw src.raw src.w
-    text_file text.bin "$tlen" "$c"
-    ok dd if=text.bin of=src.raw bs=4096 seek="$txt" oflag=seek_bytes conv=notrunc status=none
-    ok qemu-img convert -c -f raw -O qcow2 -o "$opts" src.raw comp.qcow2
-    local n
-    n=$(compressed_clusters comp.qcow2)
-    [ "$n" -gt 0 ] || die "$name: qemu-img convert -c made no compressed cluster"
+    make_compressed "$c" "$opts"
+    local s=$SIZE txt=$TXT tlen=$TLEN n=$NCOMP
     local spec="fmt=qcow2,compat=$(compat_of "$opts"),cluster=$c,size=$s,script=src.w"
-    python3 "$DIFFRAND" expect --layer "$spec" --ignore "$txt:$tlen" >exp ||
+    "$PY" "$DIFFRAND" expect --layer "$spec" --ignore "$txt:$tlen" >exp ||
         die "diffrand.py expect"
     verify comp.qcow2 qcow2 exp -r
     # the text region (and everything else) through compare with the raw source
@@ -144,7 +121,6 @@ compressed_case() { # NAME CLUSTER CREATE-OPTIONS (compression_type etc.)
     set -e
     [ "$rc" -eq 1 ] || die "$name: cowtree-img compare of differing images: rc=$rc (want 1): $(cat cmp.out)"
     ct_check_clean comp.qcow2
-    info_matches comp.qcow2 qcow2
     # qemu-io then rewrites parts of compressed clusters; cowtree reads the mix
     cat >over.w <<EOF
 write -P 0xa1 $((c / 2 + 3)) 100
@@ -156,11 +132,12 @@ EOF
     io_script qemu-io qcow2 comp.qcow2 over.w
     cat src.w over.w >all.w
     spec="fmt=qcow2,compat=$(compat_of "$opts"),cluster=$c,size=$s,script=all.w"
-    python3 "$DIFFRAND" expect --layer "$spec" --ignore "$txt:$tlen" >exp2 ||
+    "$PY" "$DIFFRAND" expect --layer "$spec" --ignore "$txt:$tlen" >exp2 ||
         die "diffrand.py expect"
     echo "read -P 0xa3 $((txt + c / 4)) 5" >>exp2
     verify comp.qcow2 qcow2 exp2
     ct_check_clean comp.qcow2
+    info_matches comp.qcow2:qcow2
     cd "$T"
     echo "ok compressed $name ($n compressed clusters)"
 }
@@ -177,37 +154,40 @@ dirty_case() {
     workload "$c" "$s" 0x31 0 qcow2 0 >d.w
     local args=() line
     while IFS= read -r line; do args+=(-c "${line%%#*}"); done <d.w
-    set +e
-    qemu-io -f qcow2 "${args[@]}" -c flush -c abort d.qcow2 >/dev/null 2>&1
-    set -e
+    bash -c '"$@" >/dev/null 2>&1; exit 0' _ qemu-io -f qcow2 "${args[@]}" -c flush -c abort d.qcow2 2>/dev/null
     qemu-img info --output=json d.qcow2 | grep -q '"dirty-flag": true' ||
         die "dirty: qemu-io abort did not leave the dirty flag set (test setup)"
     local spec="fmt=qcow2,compat=1.1,cluster=$c,size=$s,script=d.w"
-    expect exp 0 "$spec"
-    verify d.qcow2 qcow2 exp -r
-    info_matches d.qcow2 qcow2 dirty-flag
+    expect exp "$spec"
+    verify d.qcow2 qcow2 exp0 -r
+    info_matches d.qcow2:qcow2 dirty-flag
     echo "write -P 0x99 $((3 * c + 5)) $((c + 7))" >more.w
     io_script "$CT_IO" qcow2 d.qcow2 more.w
     cat d.w more.w >all.w
-    expect exp2 0 "fmt=qcow2,compat=1.1,cluster=$c,size=$s,script=all.w"
+    expect exp2- "fmt=qcow2,compat=1.1,cluster=$c,size=$s,script=all.w"
     qcheck_clean -f qcow2 d.qcow2
-    io_script qemu-io qcow2 d.qcow2 exp2 -r
-    cd "$T"
+    io_script qemu-io qcow2 d.qcow2 exp2-0 -r
     echo "ok dirty lazy-refcounts image"
 }
 
 for cfg in "${CONFIGS[@]}"; do
     read -r name bfmt opts <<<"$cfg"
-    chain_case "$name" "$bfmt" "$opts"
+    run_case "chain-$name" chain_case "$name" "$bfmt" "$opts"
 done
-compressed_case zlib-4k 4096 compat=1.1,cluster_size=4096
-compressed_case zlib-v2-64k 65536 compat=0.10,cluster_size=65536
-compressed_case zstd-64k 65536 compat=1.1,cluster_size=65536,compression_type=zstd
-compressed_case zstd-xl2-64k 65536 compat=1.1,cluster_size=65536,compression_type=zstd,extended_l2=on
-compressed_case zlib-xl2-2M 2097152 compat=1.1,cluster_size=2097152,extended_l2=on
+COMPRESSED=(
+    "zlib-4k 4096 compat=1.1,cluster_size=4096"
+    "zlib-v2-64k 65536 compat=0.10,cluster_size=65536"
+    "zstd-64k 65536 compat=1.1,cluster_size=65536,compression_type=zstd"
+    "zstd-xl2-64k 65536 compat=1.1,cluster_size=65536,compression_type=zstd,extended_l2=on"
+    "zlib-xl2-2M 2097152 compat=1.1,cluster_size=2097152,extended_l2=on"
+)
 if [ "$LONG" = 1 ]; then
-    compressed_case zstd-512 512 compat=1.1,cluster_size=512,compression_type=zstd
-    compressed_case zstd-2M 2097152 compat=1.1,cluster_size=2097152,compression_type=zstd
+    COMPRESSED+=("zstd-512 512 compat=1.1,cluster_size=512,compression_type=zstd"
+        "zstd-2M 2097152 compat=1.1,cluster_size=2097152,compression_type=zstd")
 fi
-dirty_case
-echo "all qemu-to-cowtree cases passed"
+for cfg in "${COMPRESSED[@]}"; do
+    read -r name c opts <<<"$cfg"
+    run_case "compressed-$name" compressed_case "$name" "$c" "$opts"
+done
+run_case dirty dirty_case
+finish

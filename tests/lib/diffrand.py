@@ -3,7 +3,8 @@
 
 Two modes:
 
-  diffrand.py [--seed N] [--ops N] [--batch N] [--keep DIR] [-v]
+  diffrand.py [--seed N] [--ops N] [--batch N] [--keep DIR] [--create-with qemu]
+              [--no-discard] [-v]
       Build identical backing chains (made with qemu-img/qemu-io) for a cowtree image and a
       qemu twin, create a qcow2 overlay on each (cowtree-img create / qemu-img create), then
       apply the same seeded random operation sequence to both: batches of `-c` commands, one
@@ -13,10 +14,11 @@ Two modes:
       geometry (v2/v3, cluster size, extended_l2, backing layout) is derived from the seed, so
       `--seed N` alone replays a run. Exit 0 pass, 1 fail.
 
-  diffrand.py expect --layer SPEC [--layer SPEC ...] [--view I] [--ignore OFF:LEN ...]
+  diffrand.py expect --layer SPEC [--layer SPEC ...] [--view I | --all-views PREFIX]
+                     [--ignore OFF:LEN ...]
       Shadow model of a backing chain whose layers were written by qemu-io style scripts;
       prints `read -P` commands that together verify every byte of layer I's view (default:
-      the top). SPEC is comma separated key=value: fmt=qcow2|raw, compat=0.10|1.1,
+      the top), or writes those of every layer to PREFIX0, PREFIX1, ... SPEC is comma separated key=value: fmt=qcow2|raw, compat=0.10|1.1,
       cluster=BYTES, size=BYTES, script=FILE (one qemu-io command per line, `#` comments).
 
 Model semantics (those of qemu 7.2 on qcow2):
@@ -65,6 +67,17 @@ def parse_size(s):
 
 def is_v3(compat):
     return compat in ("1.1", "v3")
+
+
+_BLOCKS = {}
+
+
+def _block(b):
+    """64 KiB of byte b (cached)."""
+    blk = _BLOCKS.get(b)
+    if blk is None:
+        blk = _BLOCKS[b] = bytes((b,)) * 65536
+    return blk
 
 
 class Layer:
@@ -150,15 +163,18 @@ class Layer:
     def run_len(self, i, end):
         """Length of the run of equal bytes starting at i, not past end."""
         pat = bytes((self.view[i],))
-        n, w = 0, 4096
-        while i + n < end:
-            chunk = self.view[i + n:min(end, i + n + w)]
-            k = len(chunk) - len(chunk.lstrip(pat))
-            n += k
-            if k < len(chunk):
-                break
-            w *= 2
-        return n
+        chunk = self.view[i:min(end, i + 4096)]
+        n = len(chunk) - len(chunk.lstrip(pat))
+        if n < len(chunk):
+            return n
+        blk = _block(self.view[i])
+        w = len(blk)
+        mv = memoryview(self.view)
+        while i + n + w <= end and mv[i + n:i + n + w] == blk:
+            n += w
+        mv.release()
+        chunk = self.view[i + n:min(end, i + n + w)]
+        return n + len(chunk) - len(chunk.lstrip(pat))
 
     def runs(self, off, end, limit=None):
         """Yield (offset, length, byte) for the uniform runs covering [off, end)."""
@@ -188,6 +204,8 @@ def expect_main(argv):
     ap.add_argument("--ignore", action="append", default=[],
                     help="OFF:LEN range whose content the model does not know")
     ap.add_argument("--no-subreads", action="store_true")
+    ap.add_argument("--all-views", metavar="PREFIX",
+                    help="write the reads for every layer's view to PREFIX0, PREFIX1, ...")
     a = ap.parse_args(argv)
     layers = []
     below = None
@@ -203,12 +221,21 @@ def expect_main(argv):
                         lay.apply(line)
         layers.append(lay)
         below = lay.view
-    lay = layers[a.view]
     ignore = []
     for r in a.ignore:
         o, n = r.split(":")
         ignore.append((parse_size(o), parse_size(o) + parse_size(n)))
-    # Cut the image into the pieces the model knows, then cover each with uniform runs.
+    if a.all_views:
+        for i, lay in enumerate(layers):
+            with open("%s%d" % (a.all_views, i), "w") as f:
+                f.write(expect_reads(lay, ignore, a.no_subreads))
+    else:
+        sys.stdout.write(expect_reads(layers[a.view], ignore, a.no_subreads))
+    return 0
+
+
+def expect_reads(lay, ignore, no_subreads):
+    """read -P commands covering every byte of lay.view outside the ignored ranges."""
     pieces = [(0, lay.size)]
     for lo, hi in ignore:
         nxt = []
@@ -225,13 +252,12 @@ def expect_main(argv):
     for s, e in pieces:
         for o, n, b in lay.runs(s, e):
             out.extend(lay.reads(o, o + n))
-            if not a.no_subreads and n >= 3:
+            if not no_subreads and n >= 3:
                 # an extra small unaligned read inside the run
                 so = o + n // 3 + (1 if n > 8 else 0)
                 sn = max(1, min(n // 3, 4099))
                 out.append("read -P 0x%02x %d %d" % (b, so, sn))
-    sys.stdout.write("\n".join(out) + "\n")
-    return 0
+    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +279,10 @@ class Failure(Exception):
 
 
 def run(cmd, cwd, check_rc=True):
-    p = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        p = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:
+        raise Failure("cannot run %s: %s" % (cmd[0], e))
     out = p.stdout.decode(errors="replace") + p.stderr.decode(errors="replace")
     if check_rc and p.returncode != 0:
         raise Failure("command failed (rc=%d): %s\n%s" % (p.returncode, short(cmd), tail(out)))
@@ -289,7 +318,8 @@ def sha(path):
 
 
 class Generator:
-    def __init__(self, rng, top, backing_end):
+    def __init__(self, rng, top, backing_end, discard=True):
+        self.discard = discard
         self.rng = rng
         self.top = top
         self.c = top.cluster
@@ -341,6 +371,8 @@ class Generator:
         """Return a list of commands (one logical operation) and apply it to the model."""
         rng, top = self.rng, self.top
         r = rng.random()
+        if not self.discard and 0.50 <= r < 0.63:
+            r = 0.99  # a read instead
         if r < 0.38:
             o, n = self.range()
             p = rng.randrange(256)
@@ -442,6 +474,11 @@ def diff_main(argv):
     ap.add_argument("--ops", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=300, help="operations per tool invocation")
     ap.add_argument("--keep", help="work in this directory and keep it")
+    ap.add_argument("--create-with", choices=("cowtree", "qemu"), default="cowtree",
+                    help="which tool creates the cowtree side's overlay (qemu: to separate "
+                    "create bugs from I/O bugs)")
+    ap.add_argument("--no-discard", action="store_true",
+                    help="generate no discards (to look past a discard bug)")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
 
@@ -475,10 +512,11 @@ def diff_main(argv):
         sums = {f: sha(os.path.join(qd, f)) for f in files}
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", top_opts, "-b", bfile, "-F", bfmt,
              "top.qcow2", str(top_size)], qd)
-        run([ct_img, "create", "-q", "-f", "qcow2", "-o", top_opts, "-b", bfile, "-F", bfmt,
+        creator = ct_img if a.create_with == "cowtree" else "qemu-img"
+        run([creator, "create", "-q", "-f", "qcow2", "-o", top_opts, "-b", bfile, "-F", bfmt,
              "top.qcow2", str(top_size)], cd)
         top = Layer(top_size, cfg[2], cfg[1], "qcow2", layers[-1].view)
-        gen = Generator(rng, top, layers[-1].size)
+        gen = Generator(rng, top, layers[-1].size, not a.no_discard)
         print("seed %d: config %s, chain %s" % (a.seed, cfg[0], " <- ".join(desc)))
         sys.stdout.flush()
 

@@ -298,6 +298,7 @@ CHAIN = {"info": "any", "info-chain": "fail", "check": "fail", "read": "fail", "
 # keyword regexes (all must match the failure message, case-insensitive)
 K_HDR_SHORT = r"header|truncat|too (short|small)|end of (the )?file|EOF|short read"
 K_PAST = r"past|beyond|end of (the )?(file|image)|EOF|outside|exceed"
+K_LOOP = r"loop|cycl|circular|recurs|itself|already in the chain"
 
 CASES = []
 
@@ -389,7 +390,7 @@ field_case("header-length-cluster", "header_length 520 with 512-byte clusters (h
            qemu=dict(QF, msg="exceeds cluster size"))
 
 
-@case("size-2^63", "virtual size 2^63", "v3", HDR, [r"size|too (big|large)"],
+@case("size-2p63", "virtual size 2^63", "v3", HDR, [r"size|too (big|large)"],
       qemu=dict(QF, msg="too big|too large|Invalid"))
 def _(q, d):
     q["size"] = 1 << 63
@@ -424,7 +425,7 @@ def _(q, d):
     q["l1_table_offset"] = q["refcount_table_offset"]
 
 
-field_case("l1-size-2^31", "l1_size 2^31 (16 GiB L1 table)", "v3", "l1_size", 1 << 31,
+field_case("l1-size-2p31", "l1_size 2^31 (16 GiB L1 table)", "v3", "l1_size", 1 << 31,
            HDR, [r"L1"], qemu=dict(QF, msg="L1 table (is )?too large"))
 field_case("l1-size-too-small", "1 MiB image with 512-byte clusters needs 32 L1 entries; "
            "l1_size says 1", "v3-512", "l1_size", 1, HDR, [r"L1"],
@@ -451,7 +452,7 @@ def _(q, d):
     q["refcount_table_offset"] = TIB
 
 
-field_case("rt-clusters-2^31", "refcount_table_clusters 2^31", "v3", "refcount_table_clusters",
+field_case("rt-clusters-2p31", "refcount_table_clusters 2^31", "v3", "refcount_table_clusters",
            1 << 31, HDR, [r"refcount"], qemu=dict(QF, msg="[Rr]eference count table too large"))
 
 
@@ -517,10 +518,47 @@ def _(q, d):
 
 
 @case("v2-zero-flag", "v2 image with L2[0] bit 0 (the v3-only 'reads as zero' flag) set",
-      "v2", DATA, [r"L2|zero|reserved|version|invalid"],
+      "v2", dict(info="any", check="any", read="fail"), [r"L2|zero|reserved|version|invalid"],
       qemu=dict(info="ok", check="ok", read="fail", msg="Zero cluster entry found in pre-v3"))
 def _(q, d):
     q.set_l2(0, q.l2(0) | 1)
+
+
+# data or L2 pointers aimed at metadata: a write through them would destroy the metadata
+OVL = dict(info="any", check="fail", read="any", write="fail")
+K_OVL = r"overlap|metadata|refcount|L1|L2"
+
+
+@case("l2-entry-into-reftable", "L2[0] maps guest cluster 0 onto the refcount table cluster",
+      "v3", OVL, [K_OVL], qemu=dict(info="ok", check="fail", read="ok", write="fail",
+                                    msg="overlaps with refcount table"))
+def _(q, d):
+    q.set_l2(0, COPIED | q["refcount_table_offset"])
+
+
+@case("l2-entry-into-l1", "L2[0] maps guest cluster 0 onto the L1 table cluster", "v3", OVL,
+      [K_OVL], qemu=dict(info="ok", check="fail", read="ok", write="fail",
+                         msg="overlaps with active L1 table"))
+def _(q, d):
+    q.set_l2(0, COPIED | q["l1_table_offset"])
+
+
+@case("l1-entry-into-refblock", "L1[0] uses refcount block 0 as its L2 table", "v3", OVL,
+      [K_OVL], qemu=dict(info="ok", check="fail", read="ok", msg="overlaps with active L2"))
+def _(q, d):
+    q.set_l1(0, COPIED | q.rt(0))
+
+
+# cowtree's overlap guard keeps the allocator off every metadata cluster, so this write is
+# safe and may succeed (QEMU refuses it); check must still report the broken refcount.
+@case("refcount-zero-l2", "the active L2 table's refcount is 0 (so an allocator may hand it out); "
+      "guest cluster 0 is unallocated, 'write 0 4k' must allocate without touching the L2 "
+      "table", "v3-hole0", dict(OVL, write="any"),
+      [K_OVL], qemu=dict(info="ok", check="fail", read="ok", write="fail",
+                         msg="overlaps with active L2 table"))
+def _(q, d):
+    assert q["refcount_order"] == 4
+    struct.pack_into(">H", q.d, q.rt(0) + 2 * (q.l2_off(0) // q.cluster_size), 0)
 
 
 @case("compressed-past-eof", "compressed descriptor of guest cluster 0 points 1 TiB past EOF",
@@ -584,14 +622,14 @@ def _(q, d):
 
 
 @case("backing-self", "backing file names the image itself", "v3-backing", CHAIN,
-      [r"loop|cycl|circular|recurs|itself"],
+      [K_LOOP],
       qemu={"info": "ok", "info-chain": "fail", "check": "fail", "msg": "infinite loop"})
 def _(q, d):
     q.set_backing("img.qcow2", "qcow2")
 
 
 @case("backing-loop-ab", "img.qcow2 -> b.qcow2 -> img.qcow2", "v3-backing", CHAIN,
-      [r"loop|cycl|circular|recurs"],
+      [K_LOOP],
       qemu={"info": "ok", "info-chain": "fail", "check": "fail", "msg": "infinite loop"})
 def _(q, d):
     run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", "img.qcow2", "-F", "qcow2",
@@ -600,7 +638,7 @@ def _(q, d):
 
 
 @case("backing-loop-abcb", "img.qcow2 -> b.qcow2 -> c.qcow2 -> b.qcow2 (loop below the top)",
-      "v3-backing", CHAIN, [r"loop|cycl|circular|recurs"],
+      "v3-backing", CHAIN, [K_LOOP],
       qemu={"info": "ok", "info-chain": "fail", "check": "fail", "msg": "infinite loop"})
 def _(q, d):
     run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", "b.qcow2", "-F", "qcow2",
@@ -750,7 +788,7 @@ def _(q, d):
 
 # ---- snapshots
 
-field_case("nb-snapshots-2^31", "nb_snapshots 2^31", "v3-snap", "nb_snapshots", 1 << 31, HDR,
+field_case("nb-snapshots-2p31", "nb_snapshots 2^31", "v3-snap", "nb_snapshots", 1 << 31, HDR,
            [r"snapshot"], qemu=dict(QF, msg="Snapshot table too large"))
 
 
@@ -799,7 +837,7 @@ def _(q, d):
     q.put64(so, q.u64(so) + 0x200)
 
 
-@case("snapshot-l1-size-2^31", "snapshot 1's l1_size is 2^31", "v3-snap",
+@case("snapshot-l1-size-2p31", "snapshot 1's l1_size is 2^31", "v3-snap",
       dict(info="any", check="fail", read="any"), [r"snapshot|L1"],
       qemu=dict(info="ok", check="fail", read="ok", msg="L1 table is too large"))
 def _(q, d):
@@ -867,6 +905,7 @@ QEMU_CMDS = {
     "check": lambda fmt: [QEMU_IMG, "check", "-f", fmt, "img.qcow2"],
     "read-ro": lambda fmt: [QEMU_IO, "-f", fmt, "-r", "-c", "read 0 64k", "img.qcow2"],
     "read": lambda fmt: [QEMU_IO, "-f", fmt, "-c", "read 0 64k", "img.qcow2"],
+    "write": lambda fmt: [QEMU_IO, "-f", fmt, "-c", "write 0 4k", "img.qcow2"],
 }
 
 
@@ -874,9 +913,9 @@ def qemu_check(out, verbose=False):
     """Run QEMU on a copy of each case (QEMU may mark images corrupt); compare the outcome
     with what the case records in .qemu. Result per op: ok, fail, crash (signal), hang."""
     bad = 0
-    qops = ("info", "info-chain", "check", "read-ro", "read")
-    print("%-26s %-6s %-6s %-6s %-6s %-6s  %s" % ("case", "info", "chain", "check", "rd-ro",
-                                                  "read", "verdict"))
+    qops = ("info", "info-chain", "check", "read-ro", "read", "write")
+    print("%-26s %-6s %-6s %-6s %-6s %-6s %-6s  %s" % ("case", "info", "chain", "check", "rd-ro",
+                                                       "read", "write", "verdict"))
     for c in CASES:
         res, errs = {}, {}
         for op in qops:
@@ -887,7 +926,7 @@ def qemu_check(out, verbose=False):
                     p = subprocess.run(QEMU_CMDS[op](c.fmt), cwd=cd, capture_output=True,
                                        text=True, timeout=10)
                     rc = p.returncode
-                    err = (p.stderr + p.stdout) if rc else ""
+                    err = p.stderr + (p.stdout if rc else "")
                 except subprocess.TimeoutExpired:
                     rc, err = -1, "timeout"
             if rc == -1:
@@ -907,15 +946,15 @@ def qemu_check(out, verbose=False):
             if got != want and not (want == "fail" and got == "hang"):
                 verdict.append("%s: want %s got %s" % (op, want, got))
         if "msg" in c.qemu:
-            msgs = [errs[o][1] for o in qops if res[o] != "ok"]
+            msgs = [errs[o][1] for o in qops]
             if not any(re.search(c.qemu["msg"], e, re.I) for e in msgs):
                 verdict.append("msg /%s/ not seen" % c.qemu["msg"])
         if not c.qemu:
             verdict.append("nothing recorded")
         bad += bool(verdict)
-        print("%-26s %-6s %-6s %-6s %-6s %-6s  %s" % (
+        print("%-26s %-6s %-6s %-6s %-6s %-6s %-6s  %s" % (
             c.name, res["info"], res["info-chain"], res["check"], res["read-ro"], res["read"],
-            "; ".join(verdict) or "as recorded"))
+            res["write"], "; ".join(verdict) or "as recorded"))
         if verbose or verdict:
             for op in qops:
                 if errs[op][1]:

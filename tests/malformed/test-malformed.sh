@@ -7,7 +7,7 @@
 #     matches every keyword regex of the case (paths of the corpus are masked before matching);
 #   - no "out of memory" errors (memory is bounded, an unbounded allocation must not happen);
 #   - no file of the case directory changes (sha256 before/after every operation).
-# Each command runs under `timeout 20` and `ulimit -v 2000000` (for ASan builds the address-space
+# Each command runs under `timeout -k 5 20` and `ulimit -v 2000000` (for ASan builds the address-space
 # limit is replaced by ASAN_OPTIONS=max_allocation_size_mb=2000:allocator_may_return_null=1).
 #
 # usage: tests/malformed/test-malformed.sh [CASE-REGEX]
@@ -19,7 +19,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 filter=${1:-}
 
 requires python3 qemu-img qemu-io sha256sum timeout
-[ -x "$CT_IMG" ] && [ -x "$CT_IO" ] || skip "cowtree-img/cowtree-io not built in $COWTREE_BUILD"
+if ! [ -x "$CT_IMG" ] || ! [ -x "$CT_IO" ]; then skip "cowtree-img/cowtree-io not built in $COWTREE_BUILD"; fi
 
 corpus=${MALFORMED_KEEP:-$T/corpus}
 mkdir -p "$corpus"
@@ -51,7 +51,16 @@ cmd_for() {
     esac
 }
 
-digest() { (cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum); }
+# sha256 of every file of a case directory; a file that grew past 64 MiB (e.g. a write 1 TiB past
+# EOF made it sparse-huge) is listed by size only, hashing it would take forever.
+digest() {
+    (
+        cd "$1" || exit
+        find . -type f -printf '%s\t%p\n' | LC_ALL=C sort -t$'\t' -k2 | while IFS=$'\t' read -r sz p; do
+            if [ "$sz" -le 67108864 ]; then sha256sum "$p"; else echo "size=$sz  $p"; fi
+        done
+    )
+}
 
 declare -A cell verdict why desc base
 while IFS=$'\t' read -r n b d; do desc[$n]=$d base[$n]=$b; done <"$corpus/cases.tsv"
@@ -78,7 +87,7 @@ while IFS=$'\t' read -r -a f; do
     (
         cd "$dir" || exit 99
         [ "$asan" = 1 ] || ulimit -v 2000000 || exit 98
-        exec timeout 20 "${cmd[@]}"
+        exec timeout -k 5 20 "${cmd[@]}"
     ) >"$out" 2>"$err" </dev/null
     rc=$?
     after=$(digest "$dir")
@@ -90,6 +99,8 @@ while IFS=$'\t' read -r -a f; do
     problems=()
     if [ "$rc" -eq 124 ]; then
         problems+=("timed out after 20s (hang)")
+    elif [ "$rc" -eq 137 ]; then
+        problems+=("killed by SIGKILL (ignored SIGTERM after the 20s timeout, or OOM)")
     elif [ "$rc" -ge 128 ]; then
         problems+=("killed by signal $((rc - 128)) (crash)")
     fi
@@ -97,7 +108,7 @@ while IFS=$'\t' read -r -a f; do
         problems+=("sanitizer report")
     fi
     if [ "$before" != "$after" ]; then
-        changed=$(diff <(echo "$before") <(echo "$after") | sed -n 's/^> [0-9a-f]*  //p' | tr '\n' ' ')
+        changed=$(diff <(echo "$before") <(echo "$after") | sed -n 's/^> [^ ]*  //p' | tr '\n' ' ')
         problems+=("file(s) modified: ${changed:-?}")
     fi
     if [ "$rc" -lt 124 ]; then
@@ -146,10 +157,11 @@ while IFS=$'\t' read -r -a f; do
         mark="!"
         nbad=$((nbad + 1))
         verdict[$name]=FAIL
+        cmd_for "$op" "$fmt" img.qcow2
         printf -v repro '%q ' "${cmd[@]}"
         why[$name]+="  $op (expect $expect, rc=$rc): $(IFS=';'; echo "${problems[*]}")"$'\n'
         why[$name]+="      stderr: $(head -c 300 "$err" | head -3 | tr '\n' '|')"$'\n'
-        why[$name]+="      repro:  python3 tests/malformed/gen.py /tmp/mf && cd /tmp/mf/$name && ${repro//$dir/.}"$'\n'
+        why[$name]+="      repro:  python3 tests/malformed/gen.py /tmp/mf && cd /tmp/mf/$name && $repro"$'\n'
     elif [ -n "${MALFORMED_VERBOSE:-}" ] && [ "$rc" -ne 0 ]; then
         why[$name]+="  $op rc=$rc: $(head -3 "$err" | tr '\n' '|')"$'\n'
     fi
@@ -158,6 +170,13 @@ done <"$corpus/manifest.tsv"
 
 [ "${#cases[@]}" -gt 0 ] || die "no case matched '$filter'"
 
+echo
+for name in "${cases[@]}"; do
+    if [ -n "${why[$name]}" ]; then
+        echo "${verdict[$name]} $name [${base[$name]}]: ${desc[$name]}"
+        printf '%s' "${why[$name]}"
+    fi
+done
 echo
 printf '%-26s' case
 for op in "${ops_seen[@]}"; do printf ' %-10s' "$op"; done
@@ -170,12 +189,5 @@ for name in "${cases[@]}"; do
     if [ "${verdict[$name]}" = PASS ]; then npass=$((npass + 1)); else nfail=$((nfail + 1)); fi
 done
 echo "(cells: exit status of the operation; T = timeout; ! = expectation not met; - = not run)"
-echo
-for name in "${cases[@]}"; do
-    if [ -n "${why[$name]}" ]; then
-        echo "${verdict[$name]} $name [${base[$name]}]: ${desc[$name]}"
-        printf '%s' "${why[$name]}"
-    fi
-done
 echo "malformed: $npass cases passed, $nfail failed ($nops operations, $nbad unmet expectations)$([ "$asan" = 1 ] && echo ', sanitizer build')"
 [ "$nfail" -eq 0 ]
