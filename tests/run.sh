@@ -6,6 +6,7 @@
 # failure.
 #
 # usage: tests/run.sh [-b BUILD_DIR]... [-j JOBS] [-k PATTERN] [--long]
+# PATTERN matches SUITE/FILE, e.g. -k interop/ or -k test-kill.
 # With several -b, every test runs against each build in turn; one summary line at the end.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -43,7 +44,7 @@ done
 if [ -n "$pattern" ]; then
     sel=()
     for t in "${tests[@]}"; do
-        case "$(basename "$t")" in *$pattern*) sel+=("$t") ;; esac
+        case "$(basename "$(dirname "$t")")/$(basename "$t")" in *$pattern*) sel+=("$t") ;; esac
     done
     tests=("${sel[@]}")
 fi
