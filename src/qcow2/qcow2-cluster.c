@@ -888,8 +888,13 @@ int qcow2_preallocate(struct qcow2_state *q, enum ct_prealloc mode)
                 }
             } else if (mode == CT_PREALLOC_FALLOC) {
                 r = ct_file_prealloc(q->file, noff, bytes);
-            } else if (file_end(q) < noff + bytes) {
-                r = ct_file_truncate(q->file, noff + bytes);
+            } else {
+                /* metadata: the clusters exist in the file (sparse) so nothing points past
+                 * its end */
+                int64_t fsz = ct_file_size(q->file);
+                if (fsz >= 0 && (uint64_t)fsz < noff + bytes) {
+                    r = ct_file_truncate(q->file, noff + bytes);
+                }
             }
             for (uint64_t i = 0; i < got && r == 0; i++) {
                 l2_set(q, e, l2_index(q, off) + i,

@@ -435,6 +435,19 @@ static int qcow2_truncate(struct ct_image *img, uint64_t size, bool shrink, stru
     }
     uint64_t old = img->size;
     img->size = size;
+    if (size > old && img->backing && img->backing->size > old) {
+        /* The grown area must read as zeros, not as whatever the (larger) backing file has
+         * there: zero it in this layer before the new size becomes visible. */
+        uint64_t end = CT_MIN(size, img->backing->size);
+        r = qcow2_pwrite_zeroes(img, end - old, old, 0);
+        if (r == 0) {
+            r = qcow2_flush_metadata(q);
+        }
+        if (r < 0) {
+            img->size = old;
+            goto fail;
+        }
+    }
     r = qcow2_write_header_fields(q, QH_SIZE, 8);
     if (r == 0) {
         r = qcow2_barrier(q);
