@@ -28,7 +28,7 @@ void img_print_snapshots_human(struct ct_image *img)
         localtime_r(&t, &tm);
         strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
         uint64_t secs = s.vm_clock_nsec / 1000000000ull;
-        snprintf(clk, sizeof(clk), "%04d:%02d:%02d.%03d", (int)(secs / 3600),
+        snprintf(clk, sizeof(clk), "%02d:%02d:%02d.%03d", (int)(secs / 3600),
                  (int)((secs / 60) % 60), (int)(secs % 60),
                  (int)((s.vm_clock_nsec / 1000000) % 1000));
         if (s.icount != UINT64_MAX) {
