@@ -8,7 +8,7 @@
 #include "cli/cli-util.h"
 #include "cli/progress.h"
 
-#define BAR_WIDTH 30
+#define BAR_WIDTH      30
 #define TTY_REFRESH_NS 200000000ull
 
 static uint64_t mono_ns(void)

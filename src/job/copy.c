@@ -31,6 +31,7 @@ struct copy_state {
     struct ct_image *dst;
     bool dst_is_zero;
     uint64_t min_sparse;
+    bool compress;
     uint8_t *buf, *zbuf;
 };
 
@@ -114,10 +115,51 @@ static int write_sparse(struct ct_job *job, struct copy_state *s, const uint8_t 
     return job_ratelimit(job, written);
 }
 
+/* convert -c: whole target clusters, read from the source and written compressed; clusters
+ * that read as zero are left to read zero (or written as zeros when the target is not). */
+static int copy_compressed(struct ct_job *job, struct copy_state *s, struct ct_image *src,
+                           uint64_t dst_off, struct ct_err *err)
+{
+    uint64_t cs = ct_image_cluster_size(s->dst), size = ct_image_size(src);
+    for (uint64_t pos = 0; pos < size; pos += cs) {
+        int r = job_pause_point(job);
+        if (r < 0) {
+            return r;
+        }
+        uint64_t n = CT_MIN(cs, size - pos);
+        r = ct_image_pread(src, s->buf, n, pos);
+        if (r < 0) {
+            return job_io_error(err, r, "reading", src, pos);
+        }
+        if (job_is_zero(s->buf, n)) {
+            r = write_zeroes(s, n, dst_off + pos);
+        } else {
+            memset(s->buf + n, 0, cs - n);
+            uint64_t wlen = dst_off + pos + cs <= ct_image_size(s->dst)
+                                ? cs
+                                : ct_image_size(s->dst) - (dst_off + pos);
+            r = ct_image_pwrite_compressed(s->dst, s->buf, wlen, dst_off + pos);
+        }
+        if (r < 0) {
+            return job_io_error(err, r, "writing to", s->dst, dst_off + pos);
+        }
+        r = job_ratelimit(job, n);
+        if (r < 0) {
+            return r;
+        }
+        job_progress_update(job, n);
+    }
+    return 0;
+}
+
 static int copy_one(struct ct_job *job, struct copy_state *s, struct ct_image *src,
                     uint64_t dst_off, struct ct_err *err)
 {
     uint64_t size = ct_image_size(src), bufsz = job_buf_bytes(job);
+    uint64_t cs = ct_image_cluster_size(s->dst);
+    if (s->compress && cs && dst_off % cs == 0 && bufsz >= cs) {
+        return copy_compressed(job, s, src, dst_off, err);
+    }
     for (uint64_t pos = 0; pos < size;) {
         int r = job_pause_point(job);
         if (r < 0) {
@@ -261,5 +303,6 @@ int ct_job_copy_create(struct ct_job **out, const struct ct_copy_opts *o,
     s->dst = o->dst;
     s->dst_is_zero = o->dst_is_zero;
     s->min_sparse = o->min_sparse;
+    s->compress = o->compress;
     return job_create(out, &copy_driver, s, jo, err);
 }

@@ -5,23 +5,25 @@
  *
  * State diagram (QEMU's JobStatus semantics; "x" = cancel or failure):
  *
- *                 pause/resume            pause/resume
- *                  .-------.               .--------.
- *                  v       |               v        |
- *   CREATED ---> RUNNING --+--> READY ---------> STANDBY
- *      |           |  ^  PAUSED  |  (converged: waits for complete)
- *      |           |  '---'      |
- *      |           | run done    | complete / soft cancel
- *      |           v             v
- *      |         WAITING <-------'        (transaction members wait for each other)
- *      |           |
- *      |           v
- *      |         PENDING --(finalize: prepare ok, commit, clean)--> CONCLUDED --dismiss--> NULL
- *      |           |                                                   ^
- *      x           x  (or prepare failed)                              |
- *      |           v                                                   |
- *      '------> ABORTING --------------(abort, clean)------------------'
- *   (RUNNING, READY and WAITING also go to ABORTING on x)
+ *                        pause                           pause
+ *                   .-------------> PAUSED          .-------------> STANDBY
+ *                   |                 |             |                  |
+ *                   |  .---resume-----'             |  .---resume------'
+ *                   |  v                            |  v
+ *   CREATED ----> RUNNING ----(converged)-------> READY   (waits for complete)
+ *      |             |                              |
+ *      |             | run done                     | complete, or soft cancel
+ *      |             v                              |
+ *      |          WAITING <-------------------------'   (transaction members wait)
+ *      |             |
+ *      |             v
+ *      |          PENDING --(finalize: prepare ok, commit, clean)--> CONCLUDED --dismiss--> NULL
+ *      |             |                                                  ^
+ *      x             x  (or prepare failed)                             |
+ *      |             v                                                  |
+ *      '-------> ABORTING ----------------(abort, clean)----------------'
+ *   (RUNNING, READY and WAITING also go to ABORTING on x; a cancelled PAUSED job resumes
+ *   first, to leave through its pause point)
  *
  * Invariants:
  *  J1. Every status change goes through set_status(), which asserts the transition table.
