@@ -54,11 +54,11 @@ void ct_fault_counts(uint64_t *writes, uint64_t *flushes);
 struct ct_image;
 
 enum ct_open_flags {
-    CT_OPEN_WRITE = 1u << 0,       /* open the top image read-write (backing files stay read-only) */
-    CT_OPEN_NO_BACKING = 1u << 1,  /* do not open the backing chain (reads of unallocated = zero) */
-    CT_OPEN_FORCE_SHARE = 1u << 2, /* read-only, do not take or test locks (qemu-img -U) */
-    CT_OPEN_NO_REPAIR = 1u << 3,   /* do not repair a dirty image on read-write open */
-    CT_OPEN_WRITETHROUGH = 1u << 4, /* flush after every write (qemu's cache=writethrough) */
+    CT_OPEN_WRITE = 1u << 0,      /* open the top image read-write (backing files stay read-only) */
+    CT_OPEN_NO_BACKING = 1u << 1, /* do not open the backing chain (reads of unallocated = zero) */
+    CT_OPEN_FORCE_SHARE = 1u << 2,   /* read-only, do not take or test locks (qemu-img -U) */
+    CT_OPEN_NO_REPAIR = 1u << 3,     /* do not repair a dirty image on read-write open */
+    CT_OPEN_WRITETHROUGH = 1u << 4,  /* flush after every write (qemu's cache=writethrough) */
     CT_OPEN_ALLOW_CORRUPT = 1u << 5, /* allow write open of a corrupt-marked image (repair) */
 };
 
@@ -99,8 +99,7 @@ int ct_image_pwrite(struct ct_image *img, const void *buf, uint64_t len, uint64_
 /* Write one whole cluster compressed (qcow2; off cluster-aligned, len = the cluster size, or
  * less for the last cluster of an image whose size is not cluster-aligned). Data that does
  * not compress is stored uncompressed, as QEMU does. */
-int ct_image_pwrite_compressed(struct ct_image *img, const void *buf, uint64_t len,
-                               uint64_t off);
+int ct_image_pwrite_compressed(struct ct_image *img, const void *buf, uint64_t len, uint64_t off);
 /* Cluster size of a qcow2 image (0 for raw): the unit of pwrite_compressed. */
 uint64_t ct_image_cluster_size(const struct ct_image *img);
 int ct_image_pwrite_zeroes(struct ct_image *img, uint64_t len, uint64_t off, unsigned flags);
@@ -148,8 +147,7 @@ struct ct_extent {
 };
 /* Status of [off, off+len) in this layer only, for the longest prefix of equal status.
  * len is clipped to the image size. */
-int ct_image_block_status(struct ct_image *img, uint64_t off, uint64_t len,
-                          struct ct_extent *out);
+int ct_image_block_status(struct ct_image *img, uint64_t off, uint64_t len, struct ct_extent *out);
 
 /* Chain-wide status, as qemu-img map: depth is the index of the layer that provides the
  * content (0 = top); when no layer allocates it, depth = chain length - 1 and ALLOCATED is
@@ -168,8 +166,8 @@ int ct_image_map(struct ct_image *img, uint64_t off, uint64_t len, struct ct_map
 enum ct_prealloc { CT_PREALLOC_OFF, CT_PREALLOC_METADATA, CT_PREALLOC_FALLOC, CT_PREALLOC_FULL };
 
 struct ct_create_opts {
-    const char *format;         /* "qcow2" or "raw" */
-    uint64_t size;              /* virtual size; 0 with a backing file = the backing file's */
+    const char *format; /* "qcow2" or "raw" */
+    uint64_t size;      /* virtual size; 0 with a backing file = the backing file's */
     bool size_given;
     const char *backing_file;   /* as stored in the header (may be relative) */
     const char *backing_format; /* required with backing_file */
@@ -198,9 +196,9 @@ struct ct_image_info {
     unsigned refcount_bits;
     bool lazy_refcounts, extended_l2, corrupt, dirty;
     int compression_type;
-    const char *backing_file;        /* as stored, or NULL */
-    const char *backing_format;      /* or NULL */
-    const char *full_backing_file;   /* resolved path, or NULL */
+    const char *backing_file;      /* as stored, or NULL */
+    const char *backing_format;    /* or NULL */
+    const char *full_backing_file; /* resolved path, or NULL */
     unsigned nb_snapshots;
 };
 /* Fills *info; strings are borrowed from img, valid until close. */

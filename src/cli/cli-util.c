@@ -26,13 +26,41 @@ int cli_parse_size(const char *s, uint64_t *out)
     switch (*end) {
     case '\0':
         break;
-    case 'b': case 'B': shift = 0; end++; break;
-    case 'k': case 'K': shift = 10; end++; break;
-    case 'm': case 'M': shift = 20; end++; break;
-    case 'g': case 'G': shift = 30; end++; break;
-    case 't': case 'T': shift = 40; end++; break;
-    case 'p': case 'P': shift = 50; end++; break;
-    case 'e': case 'E': shift = 60; end++; break;
+    case 'b':
+    case 'B':
+        shift = 0;
+        end++;
+        break;
+    case 'k':
+    case 'K':
+        shift = 10;
+        end++;
+        break;
+    case 'm':
+    case 'M':
+        shift = 20;
+        end++;
+        break;
+    case 'g':
+    case 'G':
+        shift = 30;
+        end++;
+        break;
+    case 't':
+    case 'T':
+        shift = 40;
+        end++;
+        break;
+    case 'p':
+    case 'P':
+        shift = 50;
+        end++;
+        break;
+    case 'e':
+    case 'E':
+        shift = 60;
+        end++;
+        break;
     default:
         return -EINVAL;
     }

@@ -27,18 +27,44 @@ int img_bench(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "+c:d:f:no:qs:S:t:wi:U", lo, NULL)) != -1) {
         uint64_t *dst = NULL;
         switch (c) {
-        case 'c': dst = &count; break;
-        case 'd': dst = &depth; break;
-        case 'o': dst = &offset; break;
-        case 's': dst = &size; break;
-        case 'S': dst = &step; break;
-        case 'I': dst = &flush_interval; break;
-        case 'f': fmt = optarg; break;
-        case 'q': quiet = true; break;
-        case 'w': write = true; break;
-        case 'n': case 't': case 'i': case 'U': break;
-        case 'N': no_drain = true; break;
-        case 'P': pattern = (int)strtol(optarg, NULL, 0); break;
+        case 'c':
+            dst = &count;
+            break;
+        case 'd':
+            dst = &depth;
+            break;
+        case 'o':
+            dst = &offset;
+            break;
+        case 's':
+            dst = &size;
+            break;
+        case 'S':
+            dst = &step;
+            break;
+        case 'I':
+            dst = &flush_interval;
+            break;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'w':
+            write = true;
+            break;
+        case 'n':
+        case 't':
+        case 'i':
+        case 'U':
+            break;
+        case 'N':
+            no_drain = true;
+            break;
+        case 'P':
+            pattern = (int)strtol(optarg, NULL, 0);
+            break;
         default:
             cli_error("usage: bench [-c N] [-d DEPTH] [-f FMT] [-o OFF] [-s SIZE] [-S STEP] [-w] "
                       "FILE");
@@ -88,7 +114,8 @@ int img_bench(int argc, char **argv)
         if (off + size > isize) {
             off = 0;
         }
-        int r = write ? ct_image_pwrite(img, buf, size, off, 0) : ct_image_pread(img, buf, size, off);
+        int r =
+            write ? ct_image_pwrite(img, buf, size, off, 0) : ct_image_pread(img, buf, size, off);
         if (r < 0) {
             cli_error("%s: request failed at offset %" PRIu64 ": %s", file, off, ct_strerror(r));
             ret = 1;

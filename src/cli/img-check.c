@@ -29,10 +29,18 @@ int img_check(int argc, char **argv)
     int c;
     while ((c = getopt_long(argc, argv, "+f:r:qU", lo, NULL)) != -1) {
         switch (c) {
-        case 'f': fmt = optarg; break;
-        case 'O': output = optarg; break;
-        case 'q': quiet = true; break;
-        case 'U': flags |= CT_OPEN_FORCE_SHARE; break;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'O':
+            output = optarg;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'U':
+            flags |= CT_OPEN_FORCE_SHARE;
+            break;
         case 'r':
             if (!strcmp(optarg, "leaks")) {
                 fix = CT_FIX_LEAKS;
@@ -74,8 +82,7 @@ int img_check(int argc, char **argv)
     }
     struct ct_check_result res;
     struct ct_err err = {0};
-    int r = ct_image_check(img, fix, &res, report_line, (void *)(quiet || json ? NULL : "y"),
-                           &err);
+    int r = ct_image_check(img, fix, &res, report_line, (void *)(quiet || json ? NULL : "y"), &err);
     if (r < 0) {
         cli_error_err(file, &err);
         ct_image_close(img, NULL);
@@ -109,14 +116,16 @@ int img_check(int argc, char **argv)
             json_object_object_add(o, "corruptions", json_object_new_int64((int64_t)left_corr));
         }
         if (res.leaks_fixed) {
-            json_object_object_add(o, "leaks-fixed", json_object_new_int64((int64_t)res.leaks_fixed));
+            json_object_object_add(o, "leaks-fixed",
+                                   json_object_new_int64((int64_t)res.leaks_fixed));
         }
         if (res.corruptions_fixed) {
             json_object_object_add(o, "corruptions-fixed",
                                    json_object_new_int64((int64_t)res.corruptions_fixed));
         }
-        printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
-                                                             JSON_C_TO_STRING_NOSLASHESCAPE));
+        printf("%s\n",
+               json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
+                                                     JSON_C_TO_STRING_NOSLASHESCAPE));
         json_object_put(o);
     } else if (!quiet) {
         if (res.leaks_fixed || res.corruptions_fixed) {
@@ -148,11 +157,9 @@ int img_check(int argc, char **argv)
                    "compressed clusters\n",
                    res.allocated_clusters, res.total_clusters,
                    res.allocated_clusters * 100.0 / res.total_clusters,
-                   res.allocated_clusters ? res.fragmented_clusters * 100.0 /
-                                                res.allocated_clusters
+                   res.allocated_clusters ? res.fragmented_clusters * 100.0 / res.allocated_clusters
                                           : 0.0,
-                   res.allocated_clusters ? res.compressed_clusters * 100.0 /
-                                                res.allocated_clusters
+                   res.allocated_clusters ? res.compressed_clusters * 100.0 / res.allocated_clusters
                                           : 0.0);
         }
         printf("Image end offset: %" PRIu64 "\n", res.image_end_offset);

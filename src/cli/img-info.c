@@ -22,14 +22,12 @@ static json_object *info_json(struct ct_image *img)
     json_object_object_add(o, "actual-size", json_object_new_int64((int64_t)in.actual_size));
     if (strcmp(in.format, "qcow2") == 0) {
         json_object *d = json_object_new_object();
-        json_object_object_add(d, "compat", json_object_new_string(in.version >= 3 ? "1.1"
-                                                                                    : "0.10"));
+        json_object_object_add(d, "compat",
+                               json_object_new_string(in.version >= 3 ? "1.1" : "0.10"));
         if (in.version >= 3) {
             json_object_object_add(d, "compression-type",
-                                   json_object_new_string(in.compression_type ? "zstd"
-                                                                              : "zlib"));
-            json_object_object_add(d, "lazy-refcounts",
-                                   json_object_new_boolean(in.lazy_refcounts));
+                                   json_object_new_string(in.compression_type ? "zstd" : "zlib"));
+            json_object_object_add(d, "lazy-refcounts", json_object_new_boolean(in.lazy_refcounts));
         }
         if (in.version < 3) {
             json_object_object_add(d, "compression-type", json_object_new_string("zlib"));
@@ -46,9 +44,9 @@ static json_object *info_json(struct ct_image *img)
         json_object_object_add(o, "format-specific", fs);
     }
     if (in.backing_file) {
-        json_object_object_add(o, "full-backing-filename",
-                               json_object_new_string(in.full_backing_file ? in.full_backing_file
-                                                                           : in.backing_file));
+        json_object_object_add(
+            o, "full-backing-filename",
+            json_object_new_string(in.full_backing_file ? in.full_backing_file : in.backing_file));
         json_object_object_add(o, "backing-filename", json_object_new_string(in.backing_file));
         if (in.backing_format) {
             json_object_object_add(o, "backing-filename-format",
@@ -122,10 +120,18 @@ int img_info(int argc, char **argv)
     int c;
     while ((c = getopt_long(argc, argv, "+f:U", lo, NULL)) != -1) {
         switch (c) {
-        case 'f': fmt = optarg; break;
-        case 'O': output = optarg; break;
-        case 'B': chain = true; break;
-        case 'U': flags |= CT_OPEN_FORCE_SHARE; break;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'O':
+            output = optarg;
+            break;
+        case 'B':
+            chain = true;
+            break;
+        case 'U':
+            flags |= CT_OPEN_FORCE_SHARE;
+            break;
         default:
             cli_error("usage: info [-f FMT] [--backing-chain] [--output=human|json] [-U] FILE");
             return 1;
@@ -156,8 +162,9 @@ int img_info(int argc, char **argv)
             if (arr) {
                 json_object_array_add(arr, o);
             } else {
-                printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
-                                                                     JSON_C_TO_STRING_NOSLASHESCAPE));
+                printf("%s\n", json_object_to_json_string_ext(
+                                   o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
+                                          JSON_C_TO_STRING_NOSLASHESCAPE));
                 json_object_put(o);
             }
         } else {
@@ -169,7 +176,8 @@ int img_info(int argc, char **argv)
         first = false;
     }
     if (arr) {
-        printf("%s\n", json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
+        printf("%s\n", json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PRETTY |
+                                                               JSON_C_TO_STRING_SPACED |
                                                                JSON_C_TO_STRING_NOSLASHESCAPE));
         json_object_put(arr);
     }

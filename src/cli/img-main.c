@@ -130,11 +130,21 @@ static int img_create(int argc, char **argv)
     static const struct option lo[] = {{"help", no_argument, NULL, 'h'}, {0}};
     while ((c = getopt_long(argc, argv, "+qf:b:F:uo:h", lo, NULL)) != -1) {
         switch (c) {
-        case 'q': quiet = true; break;
-        case 'f': o.format = optarg; break;
-        case 'b': o.backing_file = optarg; break;
-        case 'F': o.backing_format = optarg; break;
-        case 'u': o.no_open_backing = true; break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'f':
+            o.format = optarg;
+            break;
+        case 'b':
+            o.backing_file = optarg;
+            break;
+        case 'F':
+            o.backing_format = optarg;
+            break;
+        case 'u':
+            o.no_open_backing = true;
+            break;
         case 'o':
             if (parse_create_opts(optarg, &o) < 0) {
                 return 1;
@@ -198,9 +208,15 @@ static int img_resize(int argc, char **argv)
     /* "-1G" looks like an option: only parse options before the file name. */
     while ((c = getopt_long(argc, argv, "+f:q", lo, NULL)) != -1) {
         switch (c) {
-        case 'f': fmt = optarg; break;
-        case 'q': quiet = true; break;
-        case 'S': shrink = true; break;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'S':
+            shrink = true;
+            break;
         default:
             cli_error("usage: resize [--shrink] [-f FMT] FILE [+|-]SIZE");
             return 1;
@@ -267,9 +283,15 @@ static int img_map(int argc, char **argv)
     int c;
     while ((c = getopt_long(argc, argv, "+f:U", lo, NULL)) != -1) {
         switch (c) {
-        case 'f': fmt = optarg; break;
-        case 'O': output = optarg; break;
-        case 'U': flags |= CT_OPEN_FORCE_SHARE; break;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'O':
+            output = optarg;
+            break;
+        case 'U':
+            flags |= CT_OPEN_FORCE_SHARE;
+            break;
         case 's':
             if (cli_parse_size(optarg, &start) < 0) {
                 cli_error("Invalid start offset '%s'", optarg);
@@ -312,7 +334,7 @@ static int img_map(int argc, char **argv)
         printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
     }
     bool first = true;
-    for (uint64_t off = start; off <= end; ) {
+    for (uint64_t off = start; off <= end;) {
         struct ct_map_extent e = {0};
         bool last = off == end;
         if (!last) {
@@ -323,9 +345,9 @@ static int img_map(int argc, char **argv)
                 break;
             }
             unsigned keyf = CT_STATUS_ALLOCATED | CT_STATUS_ZERO | CT_STATUS_DATA;
-            bool data = ((e.flags & CT_STATUS_DATA) && !(e.flags & CT_STATUS_COMPRESSED)) ||
-                        ((e.flags & CT_STATUS_ALLOCATED) &&
-                         strcmp(ct_image_format(e.layer), "raw") == 0);
+            bool data =
+                ((e.flags & CT_STATUS_DATA) && !(e.flags & CT_STATUS_COMPRESSED)) ||
+                ((e.flags & CT_STATUS_ALLOCATED) && strcmp(ct_image_format(e.layer), "raw") == 0);
             bool cdata = ((cur.flags & CT_STATUS_DATA) && !(cur.flags & CT_STATUS_COMPRESSED)) ||
                          ((cur.flags & CT_STATUS_ALLOCATED) &&
                           strcmp(ct_image_format(cur.layer), "raw") == 0);
@@ -398,12 +420,23 @@ static int img_compare(int argc, char **argv)
     static const struct option lo[] = {{"force-share", no_argument, NULL, 'U'}, {0}};
     while ((c = getopt_long(argc, argv, "+f:F:sqpU", lo, NULL)) != -1) {
         switch (c) {
-        case 'f': fa = optarg; break;
-        case 'F': fb = optarg; break;
-        case 's': strict = true; break;
-        case 'q': quiet = true; break;
-        case 'p': break;
-        case 'U': flags |= CT_OPEN_FORCE_SHARE; break;
+        case 'f':
+            fa = optarg;
+            break;
+        case 'F':
+            fb = optarg;
+            break;
+        case 's':
+            strict = true;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'p':
+            break;
+        case 'U':
+            flags |= CT_OPEN_FORCE_SHARE;
+            break;
         default:
             cli_error("usage: compare [-f FMT] [-F FMT] [-s] A B");
             return 2;
@@ -471,7 +504,8 @@ static int img_compare(int argc, char **argv)
                 i++;
             }
             if (!quiet) {
-                printf("Content mismatch at offset %" PRIu64 "!\n", (uint64_t)(off + (i & ~(size_t)511)));
+                printf("Content mismatch at offset %" PRIu64 "!\n",
+                       (uint64_t)(off + (i & ~(size_t)511)));
             }
             ret = 1;
         }
@@ -493,7 +527,8 @@ static int img_compare(int argc, char **argv)
                 i++;
             }
             if (!quiet) {
-                printf("Content mismatch at offset %" PRIu64 "!\n", (uint64_t)(off + (i & ~(size_t)511)));
+                printf("Content mismatch at offset %" PRIu64 "!\n",
+                       (uint64_t)(off + (i & ~(size_t)511)));
             }
             ret = 1;
         }
@@ -520,10 +555,18 @@ static int img_amend(int argc, char **argv)
     static const struct option lo[] = {{"force", no_argument, NULL, 'F'}, {0}};
     while ((c = getopt_long(argc, argv, "+f:o:pq", lo, NULL)) != -1) {
         switch (c) {
-        case 'f': fmt = optarg; break;
-        case 'o': opts = optarg; break;
-        case 'p': case 'F': break;
-        case 'q': quiet = true; break;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'o':
+            opts = optarg;
+            break;
+        case 'p':
+        case 'F':
+            break;
+        case 'q':
+            quiet = true;
+            break;
         default:
             cli_error("usage: amend [-f FMT] -o compat=0.10|1.1,lazy_refcounts=on|off FILE");
             return 1;
@@ -544,8 +587,9 @@ static int img_amend(int argc, char **argv)
         }
         *v++ = '\0';
         if (!strcmp(kv, "compat")) {
-            compat = !strcmp(v, "0.10") || !strcmp(v, "v2") ? 2
-                     : !strcmp(v, "1.1") || !strcmp(v, "v3") ? 3 : -1;
+            compat = !strcmp(v, "0.10") || !strcmp(v, "v2")  ? 2
+                     : !strcmp(v, "1.1") || !strcmp(v, "v3") ? 3
+                                                             : -1;
         } else if (!strcmp(kv, "lazy_refcounts")) {
             lazy = !strcmp(v, "on") ? 1 : !strcmp(v, "off") ? 0 : -2;
         } else {

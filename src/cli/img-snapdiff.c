@@ -42,14 +42,17 @@ int img_diff(int argc, char **argv)
 {
     const char *output = "human";
     unsigned flags = CT_OPEN_NO_BACKING;
-    static const struct option lo[] = {{"output", required_argument, NULL, 'O'},
-                                       {"force-share", no_argument, NULL, 'U'},
-                                       {0}};
+    static const struct option lo[] = {
+        {"output", required_argument, NULL, 'O'}, {"force-share", no_argument, NULL, 'U'}, {0}};
     int c;
     while ((c = getopt_long(argc, argv, "+U", lo, NULL)) != -1) {
         switch (c) {
-        case 'O': output = optarg; break;
-        case 'U': flags |= CT_OPEN_FORCE_SHARE; break;
+        case 'O':
+            output = optarg;
+            break;
+        case 'U':
+            flags |= CT_OPEN_FORCE_SHARE;
+            break;
         default:
             cli_error("usage: diff [--output=human|json] FILE FROM [TO]");
             return 1;
@@ -147,9 +150,15 @@ int img_split(int argc, char **argv)
     int c;
     while ((c = getopt(argc, argv, "+B:F:q")) != -1) {
         switch (c) {
-        case 'B': base = optarg; break;
-        case 'F': base_fmt = optarg; break;
-        case 'q': quiet = true; break;
+        case 'B':
+            base = optarg;
+            break;
+        case 'F':
+            base_fmt = optarg;
+            break;
+        case 'q':
+            quiet = true;
+            break;
         default:
             cli_error("usage: split [-B BASE -F FMT] FILE SNAPSHOT NEW");
             return 1;
@@ -171,8 +180,11 @@ int img_split(int argc, char **argv)
         cli_error_err(file, &err);
         return 1;
     }
-    struct ct_create_opts co = {.format = "qcow2", .size = ct_image_size(src), .size_given = true,
-                                .backing_file = base, .backing_format = base_fmt,
+    struct ct_create_opts co = {.format = "qcow2",
+                                .size = ct_image_size(src),
+                                .size_given = true,
+                                .backing_file = base,
+                                .backing_format = base_fmt,
                                 .cluster_size = (unsigned)ct_image_cluster_size(src)};
     if (ct_image_create(out, &co, &err) < 0) {
         cli_error_err(out, &err);

@@ -34,9 +34,8 @@ void img_print_snapshots_human(struct ct_image *img)
         if (s.icount != UINT64_MAX) {
             snprintf(ic, sizeof(ic), "%" PRIu64, s.icount);
         }
-        printf("%-9s %-16s %8s%20s%13s%11s\n", s.id, s.name, cli_size_str(s.vm_state_size, sz,
-                                                                           sizeof(sz)),
-               date, clk, ic);
+        printf("%-9s %-16s %8s%20s%13s%11s\n", s.id, s.name,
+               cli_size_str(s.vm_state_size, sz, sizeof(sz)), date, clk, ic);
     }
 }
 
@@ -151,16 +150,40 @@ int img_snapshot(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "+lc:a:d:qf:U", lo, NULL)) != -1) {
         int want = NONE;
         switch (c) {
-        case 'l': want = LIST; break;
-        case 'c': want = CREATE; name = optarg; break;
-        case 'a': want = APPLY; name = optarg; break;
-        case 'd': want = DELETE; name = optarg; break;
-        case 'D': want = DUMP; name = optarg; break;
-        case 'V': vmstate = optarg; break;
-        case 'O': output = optarg; break;
-        case 'q': quiet = true; break;
-        case 'f': fmt = optarg; break;
-        case 'U': flags |= CT_OPEN_FORCE_SHARE; break;
+        case 'l':
+            want = LIST;
+            break;
+        case 'c':
+            want = CREATE;
+            name = optarg;
+            break;
+        case 'a':
+            want = APPLY;
+            name = optarg;
+            break;
+        case 'd':
+            want = DELETE;
+            name = optarg;
+            break;
+        case 'D':
+            want = DUMP;
+            name = optarg;
+            break;
+        case 'V':
+            vmstate = optarg;
+            break;
+        case 'O':
+            output = optarg;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'U':
+            flags |= CT_OPEN_FORCE_SHARE;
+            break;
         default:
             cli_error("usage: snapshot [-l | -c NAME [--vmstate FILE] | -a NAME | -d NAME | "
                       "--dump-vmstate NAME OUTFILE] [-U] FILE");
@@ -196,8 +219,8 @@ int img_snapshot(int argc, char **argv)
     }
     const char *file = argv[optind];
     bool write = action == CREATE || action == APPLY || action == DELETE;
-    struct ct_image *img = img_open(file, fmt, (write ? CT_OPEN_WRITE : flags) |
-                                                   CT_OPEN_NO_BACKING);
+    struct ct_image *img =
+        img_open(file, fmt, (write ? CT_OPEN_WRITE : flags) | CT_OPEN_NO_BACKING);
     if (!img) {
         return 1;
     }

@@ -127,9 +127,16 @@ static int do_read(int argc, char **argv)
                 return -1;
             }
             break;
-        case 'q': quiet = true; break;
-        case 'v': verbose = true; break;
-        case 'b': case 'C': case 'p': break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'v':
+            verbose = true;
+            break;
+        case 'b':
+        case 'C':
+        case 'p':
+            break;
         default:
             printf("read: unsupported option\n");
             return -1;
@@ -192,12 +199,25 @@ static int do_write(int argc, char **argv)
                 return -1;
             }
             break;
-        case 'q': quiet = true; break;
-        case 'z': zero = true; break;
-        case 'u': unmap = true; break;
-        case 'f': fua = true; break;
-        case 'c': compress = true; break;
-        case 'b': case 'C': case 'n': break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'z':
+            zero = true;
+            break;
+        case 'u':
+            unmap = true;
+            break;
+        case 'f':
+            fua = true;
+            break;
+        case 'c':
+            compress = true;
+            break;
+        case 'b':
+        case 'C':
+        case 'n':
+            break;
         default:
             printf("write: unsupported option\n");
             return -1;
@@ -227,9 +247,8 @@ static int do_write(int argc, char **argv)
         uint64_t cs = ct_image_cluster_size(img);
         if (compress) {
             /* Whole clusters only, as qemu-io's write -c. */
-            r = cs && off % cs == 0 && (len % cs == 0 || off + len == ct_image_size(img))
-                    ? 0
-                    : -EINVAL;
+            r = cs && off % cs == 0 && (len % cs == 0 || off + len == ct_image_size(img)) ? 0
+                                                                                          : -EINVAL;
             for (uint64_t o = 0; r == 0 && o < len; o += cs) {
                 r = ct_image_pwrite_compressed(img, buf + o, len - o < cs ? len - o : cs, off + o);
             }
@@ -306,8 +325,9 @@ static int do_map(int argc, char **argv)
         }
         bool alloc = e.flags & CT_STATUS_ALLOCATED;
         uint64_t len = e.len;
-        while (off + len < size && ct_image_block_status(img, off + len, size - off - len, &n) == 0 &&
-               n.len && ((n.flags & CT_STATUS_ALLOCATED) != 0) == alloc) {
+        while (off + len < size &&
+               ct_image_block_status(img, off + len, size - off - len, &n) == 0 && n.len &&
+               ((n.flags & CT_STATUS_ALLOCATED) != 0) == alloc) {
             len += n.len;
         }
         char a[64], b[64];
@@ -384,9 +404,9 @@ static const struct {
     const char *name;
     int (*fn)(int argc, char **argv);
 } cmds[] = {
-    {"read", do_read},     {"r", do_read},         {"write", do_write},   {"w", do_write},
-    {"discard", do_discard}, {"d", do_discard},    {"flush", do_flush},   {"f", do_flush},
-    {"map", do_map},       {"alloc", do_alloc},    {"length", do_length}, {"abort", do_abort},
+    {"read", do_read},         {"r", do_read},      {"write", do_write},   {"w", do_write},
+    {"discard", do_discard},   {"d", do_discard},   {"flush", do_flush},   {"f", do_flush},
+    {"map", do_map},           {"alloc", do_alloc}, {"length", do_length}, {"abort", do_abort},
     {"truncate", do_truncate},
 };
 
@@ -395,7 +415,8 @@ static int run_command(char *line)
     char *argv[64];
     int argc = 0;
     char *save = NULL;
-    for (char *t = strtok_r(line, " \t\n", &save); t && argc < 63; t = strtok_r(NULL, " \t\n", &save)) {
+    for (char *t = strtok_r(line, " \t\n", &save); t && argc < 63;
+         t = strtok_r(NULL, " \t\n", &save)) {
         argv[argc++] = t;
     }
     argv[argc] = NULL;
@@ -418,7 +439,8 @@ static int run_command(char *line)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: cowtree-io [-f FMT] [-r] [-U] [-l SNAPSHOT] [-t CACHE] [-c CMD]... FILE\n");
+    fprintf(stderr,
+            "usage: cowtree-io [-f FMT] [-r] [-U] [-l SNAPSHOT] [-t CACHE] [-c CMD]... FILE\n");
 }
 
 int main(int argc, char **argv)
@@ -442,18 +464,31 @@ int main(int argc, char **argv)
             snapshot = optarg;
             flags &= ~(unsigned)CT_OPEN_WRITE;
             break;
-        case 'f': fmt = optarg; break;
-        case 'c': cmdv[ncmd++] = optarg; break;
-        case 'r': flags &= ~(unsigned)CT_OPEN_WRITE; break;
-        case 'U': flags = (flags & ~(unsigned)CT_OPEN_WRITE) | CT_OPEN_FORCE_SHARE; break;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'c':
+            cmdv[ncmd++] = optarg;
+            break;
+        case 'r':
+            flags &= ~(unsigned)CT_OPEN_WRITE;
+            break;
+        case 'U':
+            flags = (flags & ~(unsigned)CT_OPEN_WRITE) | CT_OPEN_FORCE_SHARE;
+            break;
         case 't':
             if (strcmp(optarg, "writethrough") == 0) {
                 flags |= CT_OPEN_WRITETHROUGH;
             }
             break;
-        case 'n': break;
-        case 'h': usage(); return 0;
-        default: usage(); return 1;
+        case 'n':
+            break;
+        case 'h':
+            usage();
+            return 0;
+        default:
+            usage();
+            return 1;
         }
     }
     if (optind != argc - 1) {
@@ -463,8 +498,8 @@ int main(int argc, char **argv)
     const char *file = argv[optind];
     img_path = file;
     struct ct_err err = {0};
-    struct ct_open_opts o = {.format = fmt, .flags = flags, .backing_dirs = cli_backing_dirs(),
-                             .snapshot = snapshot};
+    struct ct_open_opts o = {
+        .format = fmt, .flags = flags, .backing_dirs = cli_backing_dirs(), .snapshot = snapshot};
     if (ct_image_open(&img, file, &o, &err) < 0) {
         cli_error_err(file, &err);
         return 1;

@@ -170,11 +170,21 @@ int main(int argc, char **argv)
                                        {0}};
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (c) {
-        case 's': qmp_path = optarg; break;
-        case 'u': nbd_unix = optarg; break;
-        case 't': nbd_tcp = optarg; break;
-        case 'p': pidfile = optarg; break;
-        case 'f': case 'H': break;
+        case 's':
+            qmp_path = optarg;
+            break;
+        case 'u':
+            nbd_unix = optarg;
+            break;
+        case 't':
+            nbd_tcp = optarg;
+            break;
+        case 'p':
+            pidfile = optarg;
+            break;
+        case 'f':
+        case 'H':
+            break;
         case 'b':
             if (nb == 64) {
                 cli_error("too many --blockdev options");

@@ -163,8 +163,7 @@ int node_export(struct node *n, const char *export_name, bool writable, struct c
     for (struct node *m = nodes.head; m; m = m->next) {
         if (m->exp.name && strcmp(m->exp.name, export_name) == 0) {
             pthread_mutex_unlock(&nodes.lock);
-            return ct_err_set(err, -EEXIST, "an export named '%s' already exists",
-                                     export_name);
+            return ct_err_set(err, -EEXIST, "an export named '%s' already exists", export_name);
         }
     }
     if (writable && !n->writable) {
@@ -228,8 +227,7 @@ static void exports_release(void *opaque, struct nbd_export *e)
     pthread_mutex_unlock(&nodes.lock);
 }
 
-static void exports_list(void *opaque, void (*fn)(void *arg, const struct nbd_export *e),
-                         void *arg)
+static void exports_list(void *opaque, void (*fn)(void *arg, const struct nbd_export *e), void *arg)
 {
     pthread_mutex_lock(&nodes.lock);
     for (struct node *n = nodes.head; n; n = n->next) {

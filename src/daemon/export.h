@@ -13,8 +13,8 @@
 #include "nbd/nbd-server.h"
 
 struct node {
-    char *name;     /* node-name */
-    char *file;     /* current top image */
+    char *name; /* node-name */
+    char *file; /* current top image */
     char *format;
     struct ct_image *img;
     pthread_mutex_t lock;

@@ -31,8 +31,8 @@ static struct client *clients;
 
 static void send_json(struct client *c, json_object *o)
 {
-    const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
-                                                          JSON_C_TO_STRING_NOSLASHESCAPE);
+    const char *s =
+        json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
     pthread_mutex_lock(&c->wlock);
     size_t n = strlen(s);
     const char *p = s;
@@ -74,8 +74,8 @@ void qmp_event(const char *name, json_object *data)
 /* ---- replies ---- */
 
 struct reply {
-    json_object *ret;   /* on success */
-    const char *klass;  /* on error */
+    json_object *ret;  /* on success */
+    const char *klass; /* on error */
     char desc[1024];
 };
 
@@ -206,7 +206,7 @@ static int cmd_blockdev_add(json_object *args, struct reply *r)
     const char *file = NULL;
     if (args && json_object_object_get_ex(args, "file", &f)) {
         file = json_object_get_type(f) == json_type_string ? json_object_get_string(f)
-                                                            : arg_str(f, "filename");
+                                                           : arg_str(f, "filename");
     }
     if (!name || !driver || !file) {
         return fail(r, "GenericError", "blockdev-add needs driver, node-name and file");
@@ -242,17 +242,20 @@ static int cmd_block_export_add(json_object *args, struct reply *r)
 }
 
 /* External snapshot of one node, with its lock held: the new overlay becomes the top. */
-static int snapshot_sync_locked(struct node *n, const char *file, const char *format,
-                                bool existing, struct reply *r, struct ct_image **old_out)
+static int snapshot_sync_locked(struct node *n, const char *file, const char *format, bool existing,
+                                struct reply *r, struct ct_image **old_out)
 {
     struct ct_err err = {0};
     if (ct_image_flush(n->img) < 0) {
         return fail(r, "GenericError", "flush of '%s' failed before the snapshot", n->name);
     }
     if (!existing) {
-        struct ct_create_opts co = {.format = format, .size = ct_image_size(n->img),
-                                    .size_given = true, .backing_file = n->file,
-                                    .backing_format = n->format, .no_open_backing = true};
+        struct ct_create_opts co = {.format = format,
+                                    .size = ct_image_size(n->img),
+                                    .size_given = true,
+                                    .backing_file = n->file,
+                                    .backing_format = n->format,
+                                    .no_open_backing = true};
         if (ct_image_create(file, &co, &err) < 0) {
             return fail(r, "GenericError", "%s", err.msg);
         }
@@ -551,15 +554,15 @@ static void dispatch(struct client *c, json_object *msg, int *quit)
         fail(&r, "GenericError", "QMP input lacks member 'execute'");
     } else if (!strcmp(cmd, "qmp_capabilities")) {
         if (c->negotiated) {
-            fail(&r, "CommandNotFound", "Capabilities negotiation is already complete, command "
-                                        "ignored");
+            fail(&r, "CommandNotFound",
+                 "Capabilities negotiation is already complete, command "
+                 "ignored");
         } else {
             c->negotiated = true;
             r.ret = json_object_new_object();
         }
     } else if (!c->negotiated) {
-        fail(&r, "CommandNotFound",
-             "Expecting capabilities negotiation with 'qmp_capabilities'");
+        fail(&r, "CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'");
     } else if (!strcmp(cmd, "quit")) {
         *quit = 1;
         r.ret = json_object_new_object();
@@ -654,8 +657,8 @@ void qmp_serve(int fd, int *quit)
             }
             dispatch(c, msg, quit);
             json_object_put(msg);
-            while (off < (size_t)n && (buf[off] == ' ' || buf[off] == '\n' || buf[off] == '\r' ||
-                                       buf[off] == '\t')) {
+            while (off < (size_t)n &&
+                   (buf[off] == ' ' || buf[off] == '\n' || buf[off] == '\r' || buf[off] == '\t')) {
                 off++;
             }
         }

@@ -126,13 +126,12 @@ static int open_backing(struct ct_image *img, unsigned max_depth, struct chain_i
         return ct_err_set(err, -ENOMEM, "out of memory");
     }
     if (opts->backing_dirs && !backing_allowed(img->backing_path, opts->backing_dirs)) {
-        return ct_err_set(err, -EACCES,
-                          "backing file '%s' is outside the allowed directories (%s)",
+        return ct_err_set(err, -EACCES, "backing file '%s' is outside the allowed directories (%s)",
                           img->backing_path, opts->backing_dirs);
     }
     unsigned bflags = (img->flags & (CT_OPEN_FORCE_SHARE | CT_OPEN_NO_BACKING));
-    int r = open_one(&img->backing, img->backing_path, img->backing_format, bflags,
-                     img->depth + 1, max_depth, ids, opts, err);
+    int r = open_one(&img->backing, img->backing_path, img->backing_format, bflags, img->depth + 1,
+                     max_depth, ids, opts, err);
     if (r < 0 && img->depth == 0) {
         /* Deeper levels' messages already name the file that failed. */
         ct_err_prefix(err, "Could not open backing file: ");
@@ -588,8 +587,9 @@ int ct_snapshot_read_vmstate(struct ct_image *img, const char *name_or_id, void 
                              uint64_t off, struct ct_err *err)
 {
     struct qcow2_state *q = snapshot_state(img, false, err);
-    return q ? qcow2_snapshot_read_vmstate(q, name_or_id, buf, len, off, err)
-             : err ? err->code : -EINVAL;
+    return q     ? qcow2_snapshot_read_vmstate(q, name_or_id, buf, len, off, err)
+           : err ? err->code
+                 : -EINVAL;
 }
 
 int ct_image_change_backing(struct ct_image *img, const char *backing, const char *fmt,
@@ -673,8 +673,8 @@ int ct_image_pwrite_compressed(struct ct_image *img, const void *buf, uint64_t l
         return -CT_E_UNSUPPORTED;
     }
     struct qcow2_state *q = qstate(img);
-    if ((off & (q->cluster_size - 1)) ||
-        (len != q->cluster_size && off + len != img->size) || len > q->cluster_size) {
+    if ((off & (q->cluster_size - 1)) || (len != q->cluster_size && off + len != img->size) ||
+        len > q->cluster_size) {
         return -EINVAL;
     }
     if (len == q->cluster_size) {

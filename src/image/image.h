@@ -48,7 +48,7 @@ struct ct_image {
     uint64_t size;
     unsigned flags; /* ct_open_flags */
     bool writable;
-    int poison; /* 0, or the error that poisoned the handle */
+    int poison;           /* 0, or the error that poisoned the handle */
     char poison_msg[512]; /* why, when a driver said (corruption found on the data path) */
     unsigned depth;
     uint64_t cache_bytes; /* metadata cache budget (0 = default) */

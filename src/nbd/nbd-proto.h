@@ -7,30 +7,30 @@
 
 #include <stdint.h>
 
-#define NBD_MAGIC 0x4e42444d41474943ull      /* "NBDMAGIC" */
-#define NBD_OPTS_MAGIC 0x49484156454f5054ull /* "IHAVEOPT" */
-#define NBD_REP_MAGIC 0x0003e889045565a9ull
-#define NBD_REQUEST_MAGIC 0x25609513u
-#define NBD_SIMPLE_REPLY_MAGIC 0x67446698u
+#define NBD_MAGIC                  0x4e42444d41474943ull /* "NBDMAGIC" */
+#define NBD_OPTS_MAGIC             0x49484156454f5054ull /* "IHAVEOPT" */
+#define NBD_REP_MAGIC              0x0003e889045565a9ull
+#define NBD_REQUEST_MAGIC          0x25609513u
+#define NBD_SIMPLE_REPLY_MAGIC     0x67446698u
 #define NBD_STRUCTURED_REPLY_MAGIC 0x668e33efu
 
 /* Handshake flags (server) and client flags. */
-#define NBD_FLAG_FIXED_NEWSTYLE (1u << 0)
-#define NBD_FLAG_NO_ZEROES (1u << 1)
+#define NBD_FLAG_FIXED_NEWSTYLE   (1u << 0)
+#define NBD_FLAG_NO_ZEROES        (1u << 1)
 #define NBD_FLAG_C_FIXED_NEWSTYLE (1u << 0)
-#define NBD_FLAG_C_NO_ZEROES (1u << 1)
+#define NBD_FLAG_C_NO_ZEROES      (1u << 1)
 
 /* Transmission flags. */
-#define NBD_FLAG_HAS_FLAGS (1u << 0)
-#define NBD_FLAG_READ_ONLY (1u << 1)
-#define NBD_FLAG_SEND_FLUSH (1u << 2)
-#define NBD_FLAG_SEND_FUA (1u << 3)
-#define NBD_FLAG_SEND_TRIM (1u << 5)
+#define NBD_FLAG_HAS_FLAGS         (1u << 0)
+#define NBD_FLAG_READ_ONLY         (1u << 1)
+#define NBD_FLAG_SEND_FLUSH        (1u << 2)
+#define NBD_FLAG_SEND_FUA          (1u << 3)
+#define NBD_FLAG_SEND_TRIM         (1u << 5)
 #define NBD_FLAG_SEND_WRITE_ZEROES (1u << 6)
-#define NBD_FLAG_SEND_DF (1u << 7)
-#define NBD_FLAG_CAN_MULTI_CONN (1u << 8)
-#define NBD_FLAG_SEND_CACHE (1u << 10)
-#define NBD_FLAG_SEND_FAST_ZERO (1u << 11)
+#define NBD_FLAG_SEND_DF           (1u << 7)
+#define NBD_FLAG_CAN_MULTI_CONN    (1u << 8)
+#define NBD_FLAG_SEND_CACHE        (1u << 10)
+#define NBD_FLAG_SEND_FAST_ZERO    (1u << 11)
 
 /* Options. */
 enum {
@@ -46,16 +46,16 @@ enum {
 };
 
 /* Option replies. */
-#define NBD_REP_ACK 1u
-#define NBD_REP_SERVER 2u
-#define NBD_REP_INFO 3u
+#define NBD_REP_ACK          1u
+#define NBD_REP_SERVER       2u
+#define NBD_REP_INFO         3u
 #define NBD_REP_META_CONTEXT 4u
-#define NBD_REP_ERR_UNSUP (0x80000000u | 1)
-#define NBD_REP_ERR_POLICY (0x80000000u | 2)
-#define NBD_REP_ERR_INVALID (0x80000000u | 3)
+#define NBD_REP_ERR_UNSUP    (0x80000000u | 1)
+#define NBD_REP_ERR_POLICY   (0x80000000u | 2)
+#define NBD_REP_ERR_INVALID  (0x80000000u | 3)
 #define NBD_REP_ERR_TLS_REQD (0x80000000u | 5)
-#define NBD_REP_ERR_UNKNOWN (0x80000000u | 6)
-#define NBD_REP_ERR_TOO_BIG (0x80000000u | 9)
+#define NBD_REP_ERR_UNKNOWN  (0x80000000u | 6)
+#define NBD_REP_ERR_TOO_BIG  (0x80000000u | 9)
 
 /* NBD_REP_INFO types. */
 enum { NBD_INFO_EXPORT = 0, NBD_INFO_NAME = 1, NBD_INFO_DESCRIPTION = 2, NBD_INFO_BLOCK_SIZE = 3 };
@@ -71,10 +71,10 @@ enum {
     NBD_CMD_WRITE_ZEROES = 6,
     NBD_CMD_BLOCK_STATUS = 7,
 };
-#define NBD_CMD_FLAG_FUA (1u << 0)
-#define NBD_CMD_FLAG_NO_HOLE (1u << 1)
-#define NBD_CMD_FLAG_DF (1u << 2)
-#define NBD_CMD_FLAG_REQ_ONE (1u << 3)
+#define NBD_CMD_FLAG_FUA       (1u << 0)
+#define NBD_CMD_FLAG_NO_HOLE   (1u << 1)
+#define NBD_CMD_FLAG_DF        (1u << 2)
+#define NBD_CMD_FLAG_REQ_ONE   (1u << 3)
 #define NBD_CMD_FLAG_FAST_ZERO (1u << 4)
 
 /* Structured reply chunks. */
@@ -104,7 +104,7 @@ enum {
     NBD_ESHUTDOWN = 108,
 };
 
-#define NBD_MAX_STRING 4096
+#define NBD_MAX_STRING  4096
 #define NBD_MAX_REQUEST (32u << 20) /* largest READ/WRITE payload accepted */
 
 #endif

@@ -25,7 +25,7 @@
 #include "util/bswap.h"
 
 #define NBD_MAX_OPTION (64u << 10)
-#define MAX_EXTENTS 2048
+#define MAX_EXTENTS    2048
 
 enum { CTX_BASE = 1, CTX_DEPTH = 2 };
 static const char *const ctx_names[] = {NULL, "base:allocation", "qemu:allocation-depth"};
@@ -523,8 +523,8 @@ static int do_block_status(struct conn *c, uint64_t cookie, uint64_t off, uint32
             return reply_status(c, cookie, err);
         }
         st_be32(buf, (uint32_t)ids[k]);
-        r = chunk(c, cookie, k == n - 1 ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_BLOCK_STATUS,
-                  buf, 4 + 8 * count, NULL, 0);
+        r = chunk(c, cookie, k == n - 1 ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_BLOCK_STATUS, buf,
+                  4 + 8 * count, NULL, 0);
     }
     free(buf);
     return r;
@@ -611,10 +611,9 @@ static int transmit(struct conn *c)
         case NBD_CMD_WRITE_ZEROES:
             err = !e->writable ? -EPERM
                   : !in_range  ? -ENOSPC
-                               : (flags & NBD_CMD_FLAG_FAST_ZERO)
-                                     ? -ENOTSUP
-                                     : e->ops->zero(e->opaque, len, off,
-                                                    !(flags & NBD_CMD_FLAG_NO_HOLE), fua);
+                  : (flags & NBD_CMD_FLAG_FAST_ZERO)
+                      ? -ENOTSUP
+                      : e->ops->zero(e->opaque, len, off, !(flags & NBD_CMD_FLAG_NO_HOLE), fua);
             r = reply_status(c, cookie, err);
             break;
         case NBD_CMD_CACHE:

@@ -115,8 +115,7 @@ int qcow2_amend(struct qcow2_state *q, int compat, int lazy, struct ct_err *err)
         }
         for (uint32_t i = 0; i < q->nb_snapshots; i++) {
             bool zero = false;
-            r = l1_has_zero_clusters(q, q->snapshots[i].l1_offset, q->snapshots[i].l1_size,
-                                     &zero);
+            r = l1_has_zero_clusters(q, q->snapshots[i].l1_offset, q->snapshots[i].l1_size, &zero);
             if (r == 0 && zero) {
                 return ct_err_set(err, -CT_E_UNSUPPORTED,
                                   "snapshot '%s' holds zero clusters, which compat=0.10 cannot "

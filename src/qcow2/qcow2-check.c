@@ -29,7 +29,7 @@ struct check {
     ct_check_report_fn report;
     void *opaque;
     uint64_t file_size;
-    uint8_t *table; /* one cluster, scratch */
+    uint8_t *table;     /* one cluster, scratch */
     bool refblocks_bad; /* a refcount block is unusable: rebuild instead of patching */
 };
 
@@ -133,11 +133,12 @@ static int walk_l1(struct check *c, uint64_t l1_off, uint32_t l1_size, bool acti
                 continue;
             }
             uint64_t host = l2e & QCOW2_L2E_OFFSET_MASK;
-            uint64_t reserved = QCOW2_L2E_STD_RESERVED_MASK |
-                                (q->version < 3 || q->ext_l2 ? QCOW2_OFLAG_ZERO : 0);
+            uint64_t reserved =
+                QCOW2_L2E_STD_RESERVED_MASK | (q->version < 3 || q->ext_l2 ? QCOW2_OFLAG_ZERO : 0);
             if (l2e & reserved) {
-                say(c, "ERROR: L2 entry 0x%" PRIx64 " at guest offset 0x%" PRIx64
-                       " has reserved bits set",
+                say(c,
+                    "ERROR: L2 entry 0x%" PRIx64 " at guest offset 0x%" PRIx64
+                    " has reserved bits set",
                     l2e, guest);
                 c->res->corruptions++;
             }
@@ -150,8 +151,9 @@ static int walk_l1(struct check *c, uint64_t l1_off, uint32_t l1_size, bool acti
                 continue;
             }
             if (host & (q->cluster_size - 1)) {
-                say(c, "ERROR offset=%" PRIx64 ": Cluster is not properly aligned; L2 entry "
-                       "corrupted.",
+                say(c,
+                    "ERROR offset=%" PRIx64 ": Cluster is not properly aligned; L2 entry "
+                    "corrupted.",
                     host);
                 c->res->corruptions++;
                 continue;
@@ -251,8 +253,9 @@ static int count_refs(struct check *c)
     for (uint64_t i = 0; !q->reftable_broken && i < q->reftable_entries; i++) {
         uint64_t rb = (q->reftable[i] & QCOW2_REFT_OFFSET_MASK) >> q->cluster_bits;
         if (rb && rb < c->nclusters && c->refs[rb] > 1) {
-            say(c, "ERROR refcount block %" PRIu64 " at cluster %" PRIu64
-                   " overlaps other metadata or data",
+            say(c,
+                "ERROR refcount block %" PRIu64 " at cluster %" PRIu64
+                " overlaps other metadata or data",
                 i, rb);
             c->res->corruptions++;
             c->refblocks_bad = true;
@@ -267,8 +270,7 @@ static int count_refs(struct check *c)
         uint64_t e = CT_MIN(c->nclusters, k + q->refblock_entries);
         for (uint64_t j = k; j < e; j++) {
             if (c->refs[j]) {
-                say(c, "ERROR refcount block %" PRIu64 " is missing for cluster %" PRIu64, rt,
-                    j);
+                say(c, "ERROR refcount block %" PRIu64 " is missing for cluster %" PRIu64, rt, j);
                 c->res->corruptions++;
                 c->refblocks_bad = true;
                 break;

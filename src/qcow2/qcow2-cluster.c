@@ -100,7 +100,8 @@ static int l2_table_read(struct qcow2_state *q, uint64_t off, struct qcow2_cache
                              (unsigned long long)l2off);
     }
     if ((l2off & (q->cluster_size - 1)) || l2off >= file_end(q)) {
-        return qcow2_corrupt(q, "L2 table offset 0x%llx (L1 index %llu) is unaligned or past the "
+        return qcow2_corrupt(q,
+                             "L2 table offset 0x%llx (L1 index %llu) is unaligned or past the "
                              "end of the file",
                              (unsigned long long)l2off, (unsigned long long)i);
     }
@@ -267,8 +268,7 @@ static int read_compressed(struct qcow2_state *q, uint64_t l2e, uint8_t **out)
 }
 
 /* below: unallocated ranges read from the backing chain (else as zeros). */
-static int pread_common(struct qcow2_state *q, uint8_t *p, uint64_t len, uint64_t off,
-                        bool below)
+static int pread_common(struct qcow2_state *q, uint8_t *p, uint64_t len, uint64_t off, bool below)
 {
     struct ct_image *img = q->img;
     if (img->poison == -CT_E_CORRUPT) {
@@ -689,8 +689,8 @@ static int write_zero_data(struct ct_image *img, uint64_t len, uint64_t off)
             return r;
         }
         n = st.len;
-        bool already_zero = st.kind == QK_ZERO ||
-                            (st.kind == QK_UNALLOC && image_below_is_zero(img, n, off));
+        bool already_zero =
+            st.kind == QK_ZERO || (st.kind == QK_UNALLOC && image_below_is_zero(img, n, off));
         if (!already_zero) {
             r = qcow2_pwrite(img, z, n, off);
             if (r < 0) {
@@ -847,8 +847,8 @@ int qcow2_discard(struct ct_image *img, uint64_t len, uint64_t off)
     uint64_t end = off + len;
     uint64_t a = ct_align_up(off, q->cluster_size);
     /* Partial clusters are ignored, except a cluster-aligned tail reaching the image end. */
-    uint64_t b = end == img->size ? ct_align_up(end, q->cluster_size)
-                                  : ct_align_down(end, q->cluster_size);
+    uint64_t b =
+        end == img->size ? ct_align_up(end, q->cluster_size) : ct_align_down(end, q->cluster_size);
     if (a >= b) {
         return 0;
     }
@@ -916,8 +916,8 @@ int qcow2_preallocate(struct qcow2_state *q, enum ct_prealloc mode)
 static int alloc_bytes(struct qcow2_state *q, uint64_t len, uint64_t *out)
 {
     uint64_t off = q->cfree_off;
-    if (off && (off & (q->cluster_size - 1)) && (off & (q->cluster_size - 1)) + len <=
-                                                    q->cluster_size) {
+    if (off && (off & (q->cluster_size - 1)) &&
+        (off & (q->cluster_size - 1)) + len <= q->cluster_size) {
         int r = qcow2_refcount_update(q, off >> q->cluster_bits, 1);
         if (r < 0) {
             return r;

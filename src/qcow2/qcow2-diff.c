@@ -80,8 +80,7 @@ static struct unit_view view(const struct qcow2_state *q, uint64_t l2e, uint64_t
     return v;
 }
 
-static int compare_tables(struct diff_state *d, uint64_t base, const uint8_t *ta,
-                          const uint8_t *tb)
+static int compare_tables(struct diff_state *d, uint64_t base, const uint8_t *ta, const uint8_t *tb)
 {
     struct qcow2_state *q = d->q;
     unsigned units = q->ext_l2 ? QCOW2_SUBCLUSTERS : 1;

@@ -123,8 +123,13 @@ void qcow2_meta_free(struct qcow2_state *q)
 
 const char *qcow2_meta_name(int type)
 {
-    static const char *const names[] = {"", "header", "L1 table", "refcount table",
-                                        "refcount block", "snapshot table", "snapshot L1 table",
+    static const char *const names[] = {"",
+                                        "header",
+                                        "L1 table",
+                                        "refcount table",
+                                        "refcount block",
+                                        "snapshot table",
+                                        "snapshot L1 table",
                                         "L2 table"};
     return type > 0 && type < (int)CT_ARRAY_SIZE(names) ? names[type] : "metadata";
 }
@@ -136,8 +141,8 @@ int qcow2_meta_build(struct qcow2_state *q)
         r = qcow2_meta_add(q, q->l1_offset, (uint64_t)q->l1_size * 8, QCOW2_META_L1);
     }
     if (r == 0 && !q->reftable_broken) {
-        r = qcow2_meta_add(q, q->reftable_offset,
-                           (uint64_t)q->reftable_clusters << q->cluster_bits, QCOW2_META_REFTABLE);
+        r = qcow2_meta_add(q, q->reftable_offset, (uint64_t)q->reftable_clusters << q->cluster_bits,
+                           QCOW2_META_REFTABLE);
     }
     for (uint64_t i = 0; r == 0 && i < q->reftable_entries; i++) {
         uint64_t rb = q->reftable[i] & QCOW2_REFT_OFFSET_MASK;
@@ -174,8 +179,7 @@ int qcow2_meta_check_data(struct qcow2_state *q, uint64_t off, uint64_t len)
     for (uint64_t c = off >> q->cluster_bits; c <= (off + len - 1) >> q->cluster_bits; c++) {
         int t = qcow2_meta_type(q, c);
         if (t) {
-            return qcow2_corrupt(q,
-                                 "guest data write to host offset 0x%llx would overwrite the %s",
+            return qcow2_corrupt(q, "guest data write to host offset 0x%llx would overwrite the %s",
                                  (unsigned long long)(c << q->cluster_bits), qcow2_meta_name(t));
         }
     }

@@ -460,8 +460,7 @@ fail:
     return image_poison(q->img, r);
 }
 
-int qcow2_alloc_clusters_upto(struct qcow2_state *q, uint64_t n, uint64_t *host_off,
-                              uint64_t *got)
+int qcow2_alloc_clusters_upto(struct qcow2_state *q, uint64_t n, uint64_t *host_off, uint64_t *got)
 {
     uint64_t start, run;
     int r = find_free(q, n, true, &start, &run);

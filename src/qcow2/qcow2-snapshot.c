@@ -23,8 +23,8 @@ int qcow2_read_snapshots(struct qcow2_state *q, struct ct_err *err)
                           q->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
     }
     int64_t fsz = ct_file_size(q->file);
-    if (q->snapshots_offset & (q->cluster_size - 1) || q->snapshots_offset == 0 ||
-        fsz < 0 || q->snapshots_offset >= (uint64_t)fsz) {
+    if (q->snapshots_offset & (q->cluster_size - 1) || q->snapshots_offset == 0 || fsz < 0 ||
+        q->snapshots_offset >= (uint64_t)fsz) {
         return ct_err_set(err, -CT_E_CORRUPT,
                           "snapshot table offset 0x%llx is invalid (unaligned or past the end "
                           "of the file)",
@@ -92,12 +92,13 @@ int qcow2_read_snapshots(struct qcow2_state *q, struct ct_err *err)
         }
         free(rest);
         if ((uint64_t)s->l1_size * 8 > QCOW2_MAX_L1_BYTES) {
-            return ct_err_set(err, -CT_E_CORRUPT, "snapshot '%s' has an L1 table of %u entries, "
-                              "too large", s->name, s->l1_size);
+            return ct_err_set(err, -CT_E_CORRUPT,
+                              "snapshot '%s' has an L1 table of %u entries, "
+                              "too large",
+                              s->name, s->l1_size);
         }
-        if (s->l1_size &&
-            ((s->l1_offset & (q->cluster_size - 1)) || s->l1_offset == 0 ||
-             s->l1_offset + (uint64_t)s->l1_size * 8 > (uint64_t)fsz)) {
+        if (s->l1_size && ((s->l1_offset & (q->cluster_size - 1)) || s->l1_offset == 0 ||
+                           s->l1_offset + (uint64_t)s->l1_size * 8 > (uint64_t)fsz)) {
             return ct_err_set(err, -CT_E_CORRUPT,
                               "snapshot '%s' L1 table (offset 0x%llx) is unaligned or past the "
                               "end of the file",
@@ -839,8 +840,8 @@ int qcow2_snapshot_read_vmstate(struct qcow2_state *q, const char *key, void *bu
     return r < 0 ? ct_err_set(err, r, "could not read the VM state: %s", ct_strerror(r)) : 0;
 }
 
-int qcow2_snapshot_diff(struct qcow2_state *q, const char *from, const char *to,
-                        qcow2_diff_fn fn, void *opaque, struct ct_err *err)
+int qcow2_snapshot_diff(struct qcow2_state *q, const char *from, const char *to, qcow2_diff_fn fn,
+                        void *opaque, struct ct_err *err)
 {
     int ia = qcow2_snapshot_find(q, from, err);
     if (ia < 0) {
@@ -868,8 +869,7 @@ int qcow2_snapshot_diff(struct qcow2_state *q, const char *from, const char *to,
         size_b = sb->disk_size;
     }
     if (r == 0) {
-        r = qcow2_diff_l1(q, a, sa->l1_size, b ? b : q->l1, nb, sa->disk_size, size_b, fn,
-                          opaque);
+        r = qcow2_diff_l1(q, a, sa->l1_size, b ? b : q->l1, nb, sa->disk_size, size_b, fn, opaque);
     }
     free(a);
     free(b);

@@ -161,9 +161,9 @@ int qcow2_rewrite_header(struct qcow2_state *q)
     size_t blen = img->backing_name ? strlen(img->backing_name) : 0;
     /* The feature name table is optional: left out when the first cluster is too small for
      * it, as QEMU does with 512-byte clusters. */
-    bool feature_table = q->version >= 3 &&
-                         hl + need + ext_size(48 * CT_ARRAY_SIZE(known_features)) + blen <=
-                             q->cluster_size;
+    bool feature_table =
+        q->version >= 3 &&
+        hl + need + ext_size(48 * CT_ARRAY_SIZE(known_features)) + blen <= q->cluster_size;
     if (feature_table) {
         need += ext_size(48 * CT_ARRAY_SIZE(known_features));
     }
@@ -370,8 +370,8 @@ int qcow2_grow_l1(struct qcow2_state *q, uint32_t min_size)
         free(nl1);
         return r;
     }
-    uint64_t old_off = q->l1_offset, old_bytes = ct_align_up((uint64_t)q->l1_size * 8,
-                                                             q->cluster_size);
+    uint64_t old_off = q->l1_offset,
+             old_bytes = ct_align_up((uint64_t)q->l1_size * 8, q->cluster_size);
     free(q->l1);
     q->l1 = nl1;
     q->l1_offset = off;
@@ -390,8 +390,7 @@ static int qcow2_truncate(struct ct_image *img, uint64_t size, bool shrink, stru
 {
     struct qcow2_state *q = qstate(img);
     if (q->nb_snapshots && size < img->size) {
-        return ct_err_set(err, -CT_E_UNSUPPORTED,
-                          "Can't shrink an image with internal snapshots");
+        return ct_err_set(err, -CT_E_UNSUPPORTED, "Can't shrink an image with internal snapshots");
     }
     uint64_t span = q->cluster_size * q->l2_entries;
     uint64_t need = ct_div_round_up(size, span);
@@ -463,8 +462,8 @@ fail:
 
 /* ---- open ---- */
 
-static int parse_extensions(struct qcow2_state *q, const uint8_t *hdr, uint64_t start,
-                            uint64_t end, struct ct_err *err)
+static int parse_extensions(struct qcow2_state *q, const uint8_t *hdr, uint64_t start, uint64_t end,
+                            struct ct_err *err)
 {
     struct ct_image *img = q->img;
     uint64_t p = start;
@@ -548,8 +547,8 @@ static int check_region(struct qcow2_state *q, const char *what, uint64_t off, u
                         uint64_t file_size, struct ct_err *err)
 {
     if (off & (q->cluster_size - 1)) {
-        return ct_err_set(err, -CT_E_CORRUPT, "%s offset 0x%llx is not aligned to a cluster",
-                          what, (unsigned long long)off);
+        return ct_err_set(err, -CT_E_CORRUPT, "%s offset 0x%llx is not aligned to a cluster", what,
+                          (unsigned long long)off);
     }
     if (len && off == 0) {
         return ct_err_set(err, -CT_E_CORRUPT, "%s at offset 0 overlaps the header", what);
@@ -647,7 +646,8 @@ static int qcow2_open(struct ct_image *img, struct ct_err *err)
         }
     }
     if (q->refcount_order > 6) {
-        r = ct_err_set(err, -CT_E_CORRUPT, "invalid refcount_order %u (at most 6: 64-bit refcounts)",
+        r = ct_err_set(err, -CT_E_CORRUPT,
+                       "invalid refcount_order %u (at most 6: 64-bit refcounts)",
                        q->refcount_order);
         goto fail;
     }

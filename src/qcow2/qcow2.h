@@ -140,7 +140,7 @@ struct qcow2_state {
 
     uint32_t l1_size;
     uint64_t l1_offset;
-    uint64_t *l1; /* host byte order */
+    uint64_t *l1;                      /* host byte order */
     uint32_t l1_dirty_lo, l1_dirty_hi; /* dirty index range [lo, hi) */
 
     uint64_t reftable_offset;
@@ -173,15 +173,15 @@ struct qcow2_state {
     struct qcow2_pending_free *pending;
     size_t npending, pending_cap;
 
-    bool unsynced;       /* something was written since the last fdatasync */
-    bool dirty_on_disk;  /* the header on disk carries the dirty bit */
-    bool meta_changed;   /* metadata changed in this session */
+    bool unsynced;         /* something was written since the last fdatasync */
+    bool dirty_on_disk;    /* the header on disk carries the dirty bit */
+    bool meta_changed;     /* metadata changed in this session */
     uint32_t *repair_refs; /* during repair: computed references (allocator treats >0 as used) */
     uint64_t repair_nclusters;
 
     uint64_t cfree_off; /* next free byte in the cluster compressed data is packed into, 0 = none */
-    uint64_t host_end; /* bytes: max(file size at open, end of every cluster allocated since) */
-    uint8_t *zeros;    /* one cluster of zeros */
+    uint64_t host_end;  /* bytes: max(file size at open, end of every cluster allocated since) */
+    uint8_t *zeros;     /* one cluster of zeros */
     uint64_t cbuf_entry; /* L2 entry of the cluster held decompressed in cbuf, 0 = none */
     uint8_t *cbuf;
     uint8_t *cin;
@@ -205,7 +205,8 @@ int qcow2_flush_metadata(struct qcow2_state *q);
 /* Name of an incompatible feature bit from the image's feature table, or NULL. */
 const char *qcow2_feature_name(struct qcow2_state *q, int type, int bit, char *buf, size_t len);
 /* Signal corruption found on the data path: message once, poison the handle. */
-int qcow2_corrupt(struct qcow2_state *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int qcow2_corrupt(struct qcow2_state *q, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 /* Grow the L1 table so that it has at least min_size entries (Q5). */
 int qcow2_grow_l1(struct qcow2_state *q, uint32_t min_size);
 /* ---- qcow2-snapshot.c ---- */
@@ -221,8 +222,8 @@ int qcow2_snapshot_apply(struct qcow2_state *q, const char *key, struct ct_err *
 /* Make a read-only handle show the snapshot's state (open with opts->snapshot). */
 int qcow2_snapshot_use_for_read(struct qcow2_state *q, const char *key, struct ct_err *err);
 /* Diff between snapshot `from` and snapshot `to` (NULL: the active state). */
-int qcow2_snapshot_diff(struct qcow2_state *q, const char *from, const char *to,
-                        qcow2_diff_fn fn, void *opaque, struct ct_err *err);
+int qcow2_snapshot_diff(struct qcow2_state *q, const char *from, const char *to, qcow2_diff_fn fn,
+                        void *opaque, struct ct_err *err);
 int qcow2_snapshot_read_vmstate(struct qcow2_state *q, const char *key, void *buf, uint64_t len,
                                 uint64_t off, struct ct_err *err);
 
@@ -239,8 +240,7 @@ int qcow2_refcount_set(struct qcow2_state *q, uint64_t cluster, uint64_t value);
 int qcow2_alloc_clusters(struct qcow2_state *q, uint64_t n, uint64_t *host_off);
 /* Allocate n contiguous clusters, but at most, starting from the same place: returns how many
  * could be had contiguously (>= 1) in *got. */
-int qcow2_alloc_clusters_upto(struct qcow2_state *q, uint64_t n, uint64_t *host_off,
-                              uint64_t *got);
+int qcow2_alloc_clusters_upto(struct qcow2_state *q, uint64_t n, uint64_t *host_off, uint64_t *got);
 /* Queue the release of a reference to every cluster [off, off+len) touches (Q4). */
 int qcow2_free_later(struct qcow2_state *q, uint64_t off, uint64_t len);
 /* Apply the pending frees (only from qcow2_flush_metadata, after a barrier). */

@@ -4,8 +4,8 @@
 
 #include <stdint.h>
 
-#define CT_MIN(a, b) ((a) < (b) ? (a) : (b))
-#define CT_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define CT_MIN(a, b)     ((a) < (b) ? (a) : (b))
+#define CT_MAX(a, b)     ((a) > (b) ? (a) : (b))
 #define CT_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
 static inline uint64_t ct_align_down(uint64_t v, uint64_t a)

@@ -60,9 +60,13 @@ static void run(const struct cfg *c, unsigned seed)
     int fd = mkstemp(path);
     T_ASSERT(fd >= 0, "mkstemp");
     close(fd);
-    struct ct_create_opts co = {.format = "qcow2", .size = c->size, .size_given = true,
-                                .cluster_size = c->cluster, .compat = c->compat,
-                                .refcount_bits = c->refbits, .extended_l2 = c->extl2};
+    struct ct_create_opts co = {.format = "qcow2",
+                                .size = c->size,
+                                .size_given = true,
+                                .cluster_size = c->cluster,
+                                .compat = c->compat,
+                                .refcount_bits = c->refbits,
+                                .extended_l2 = c->extl2};
     struct ct_err err = {0};
     int r = ct_image_create(path, &co, &err);
     T_ASSERT(r == 0, "create: %s", err.msg);
