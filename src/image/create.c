@@ -78,5 +78,11 @@ int ct_image_create(const char *path, const struct ct_create_opts *o, struct ct_
     } else if (!o->size_given) {
         return ct_err_set(err, -EINVAL, "Image creation needs a size parameter");
     }
+    if (o->backing_file && o->prealloc != CT_PREALLOC_OFF && !o->extended_l2) {
+        /* Preallocated clusters would hide the backing file's data (QEMU refuses too). */
+        return ct_err_set(err, -EINVAL,
+                          "Backing file and preallocation can only be used at the same time if "
+                          "extended_l2 is on");
+    }
     return qcow2_create(path, o, size, err);
 }

@@ -109,7 +109,13 @@ static int walk_l1(struct check *c, uint64_t l1_off, uint32_t l1_size, bool acti
             continue;
         }
         ref_range(c, l2off, q->cluster_size, "L2 table");
-        if (l2off >= c->file_size || read_table(c, l2off, c->table, q->cluster_size) < 0) {
+        if (l2off >= c->file_size) {
+            say(c, "ERROR l2_offset=%" PRIx64 ": L2 table is beyond the end of the image file",
+                l2off);
+            c->res->corruptions++;
+            continue;
+        }
+        if (read_table(c, l2off, c->table, q->cluster_size) < 0) {
             continue;
         }
         for (uint64_t j = 0; j < q->l2_entries; j++) {
@@ -157,6 +163,12 @@ static int walk_l1(struct check *c, uint64_t l1_off, uint32_t l1_size, bool acti
                     host);
                 c->res->corruptions++;
                 continue;
+            }
+            if (host >= c->file_size) {
+                say(c, "ERROR offset=%" PRIx64 ": data cluster is beyond the end of the image "
+                       "file",
+                    host);
+                c->res->corruptions++;
             }
             ref_range(c, host, q->cluster_size, "data cluster");
             if (active) {

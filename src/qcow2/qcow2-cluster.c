@@ -896,10 +896,12 @@ int qcow2_preallocate(struct qcow2_state *q, enum ct_prealloc mode)
                     r = ct_file_truncate(q->file, noff + bytes);
                 }
             }
+            /* With a backing file (extended L2 only) the subclusters stay unallocated, so
+             * reads still fall through; the clusters are reserved for later writes. */
+            uint64_t bm = q->ext_l2 && !img->backing_name ? QCOW2_BITMAP_ALLOC_ALL : 0;
             for (uint64_t i = 0; i < got && r == 0; i++) {
                 l2_set(q, e, l2_index(q, off) + i,
-                       (noff + (i << q->cluster_bits)) | QCOW2_OFLAG_COPIED,
-                       q->ext_l2 ? QCOW2_BITMAP_ALLOC_ALL : 0);
+                       (noff + (i << q->cluster_bits)) | QCOW2_OFLAG_COPIED, bm);
             }
             off += bytes;
         }

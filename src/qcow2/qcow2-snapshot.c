@@ -530,7 +530,9 @@ int qcow2_snapshot_create(struct qcow2_state *q, const char *name,
     if (!snaps) {
         return ct_err_set(err, -ENOMEM, "out of memory");
     }
-    memcpy(snaps, q->snapshots, q->nb_snapshots * sizeof(*snaps));
+    if (q->nb_snapshots) {
+        memcpy(snaps, q->snapshots, q->nb_snapshots * sizeof(*snaps));
+    }
     struct qcow2_snapshot *s = &snaps[q->nb_snapshots];
     unsigned long max_id = 0;
     for (uint32_t i = 0; i < q->nb_snapshots; i++) {
