@@ -449,7 +449,8 @@ int main(int argc, char **argv)
     cli_setup_faults();
     const char *fmt = NULL, *snapshot = NULL;
     unsigned flags = CT_OPEN_WRITE;
-    char **cmdv = calloc((size_t)argc + 1, sizeof(char *));
+    /* -c commands point into argv, so this array is all there is to free. */
+    static char *cmdv[4096];
     int ncmd = 0, c;
     static const struct option lo[] = {{"force-share", no_argument, NULL, 'U'},
                                        {"read-only", no_argument, NULL, 'r'},
@@ -468,6 +469,10 @@ int main(int argc, char **argv)
             fmt = optarg;
             break;
         case 'c':
+            if (ncmd == (int)(sizeof(cmdv) / sizeof(cmdv[0]))) {
+                cli_error("too many -c commands");
+                return 1;
+            }
             cmdv[ncmd++] = optarg;
             break;
         case 'r':
@@ -534,7 +539,6 @@ int main(int argc, char **argv)
         }
         free(line);
     }
-    free(cmdv);
     if (ct_image_close(img, &err) < 0) {
         if (!corruption_reported) {
             cli_error_err(NULL, &err);

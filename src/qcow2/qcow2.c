@@ -901,6 +901,20 @@ static int qcow2_open(struct ct_image *img, struct ct_err *err)
         r = ct_err_set(err, -ENOMEM, "out of memory for metadata caches");
         goto fail;
     }
+    if (img->writable && !(img->flags & CT_OPEN_ALLOW_CORRUPT)) {
+        /* An active L2 table with refcount 0 would be handed out by the allocator: such an
+         * image is repaired (check -r all), not written. One lookup per L1 entry. */
+        for (uint32_t i = 0; i < q->l1_size; i++) {
+            uint64_t l2 = q->l1[i] & QCOW2_L1E_OFFSET_MASK, rc = 1;
+            if (l2 && qcow2_refcount_get(q, l2 >> q->cluster_bits, &rc) == 0 && rc == 0) {
+                r = ct_err_set(err, -CT_E_CORRUPT,
+                               "the L2 table at 0x%llx (L1 index %u) has refcount 0; repair the "
+                               "image with 'cowtree-img check -r all'",
+                               (unsigned long long)l2, i);
+                goto fail;
+            }
+        }
+    }
     q->dirty_on_disk = (q->incompat & QCOW2_INCOMPAT_DIRTY) != 0;
     /* Start allocating after the header cluster. */
     q->free_hint = 1;
