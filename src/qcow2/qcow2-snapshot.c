@@ -541,8 +541,19 @@ int qcow2_snapshot_create(struct qcow2_state *q, const char *name,
             max_id = v > max_id ? v : max_id;
         }
     }
+    /* The new id must not be the name of another snapshot (or of this one): such a pair
+     * would make the string ambiguous; take the next free number instead. */
     char idbuf[32];
-    snprintf(idbuf, sizeof(idbuf), "%lu", max_id + 1);
+    for (unsigned long id = max_id + 1;; id++) {
+        snprintf(idbuf, sizeof(idbuf), "%lu", id);
+        bool taken = strcmp(idbuf, name) == 0;
+        for (uint32_t i = 0; i < q->nb_snapshots && !taken; i++) {
+            taken = strcmp(q->snapshots[i].name, idbuf) == 0;
+        }
+        if (!taken) {
+            break;
+        }
+    }
     s->id = strdup(idbuf);
     s->name = strdup(name);
     s->l1_offset = l1_off;
