@@ -917,9 +917,16 @@ int qcow2_preallocate(struct qcow2_state *q, enum ct_prealloc mode)
  * clusters; each host cluster touched gets one reference per compressed cluster in it. */
 static int alloc_bytes(struct qcow2_state *q, uint64_t len, uint64_t *out)
 {
-    uint64_t off = q->cfree_off;
-    if (off && (off & (q->cluster_size - 1)) &&
-        (off & (q->cluster_size - 1)) + len <= q->cluster_size) {
+    uint64_t off = q->cfree_off, rc = 0;
+    bool share = off && (off & (q->cluster_size - 1)) &&
+                 (off & (q->cluster_size - 1)) + len <= q->cluster_size;
+    /* Sharing the cluster adds a reference: impossible at the refcount width's maximum
+     * (always the case with 1-bit refcounts). */
+    if (share &&
+        (qcow2_refcount_get(q, off >> q->cluster_bits, &rc) < 0 || rc >= q->refcount_max)) {
+        share = false;
+    }
+    if (share) {
         int r = qcow2_refcount_update(q, off >> q->cluster_bits, 1);
         if (r < 0) {
             return r;

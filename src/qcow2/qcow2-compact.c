@@ -155,7 +155,7 @@ static int move_one(struct qcow2_state *q, const struct owner *o, uint64_t dst, 
     return qcow2_free_later(q, src_off, q->cluster_size);
 }
 
-int qcow2_compact(struct qcow2_state *q, uint64_t *moved, uint64_t *new_end)
+static int compact(struct qcow2_state *q, uint64_t *moved, uint64_t *new_end)
 {
     int r = qcow2_mark_dirty(q);
     if (r == 0) {
@@ -259,4 +259,12 @@ int qcow2_compact(struct qcow2_state *q, uint64_t *moved, uint64_t *new_end)
     *new_end = end << q->cluster_bits;
     q->unsynced = true;
     return qcow2_barrier(q);
+}
+
+int qcow2_compact(struct qcow2_state *q, uint64_t *moved, uint64_t *new_end)
+{
+    int r = compact(q, moved, new_end);
+    /* A failure part-way may leave a copied cluster unreferenced: keep the dirty bit (poison
+     * the handle) so that the next read-write open frees it. */
+    return r < 0 ? image_poison(q->img, r) : r;
 }
