@@ -449,6 +449,12 @@ static int compare_refs(struct check *c, unsigned fix)
 static int check_copied(struct check *c, unsigned fix)
 {
     struct qcow2_state *q = c->q;
+    /* COPIED flags follow the refcounts just checked: with -r leaks they are repaired too when
+     * nothing else is wrong (the refcounts are then known to be right), as qemu-img does. */
+    const struct ct_check_result *res = c->res;
+    bool repair = (fix & CT_FIX_ERRORS) ||
+                  ((fix & CT_FIX_LEAKS) && !res->check_errors &&
+                   res->corruptions == res->corruptions_fixed && res->leaks == res->leaks_fixed);
     for (uint32_t i = 0; i < q->l1_size; i++) {
         uint64_t l1e = q->l1[i], l2off = l1e & QCOW2_L1E_OFFSET_MASK;
         if (!l2off || (l2off & (q->cluster_size - 1)) || l2off >= c->file_size) {
@@ -461,7 +467,7 @@ static int check_copied(struct check *c, unsigned fix)
         }
         bool want = rc == 1;
         if (want != ((l1e & QCOW2_OFLAG_COPIED) != 0)) {
-            bool fixing = fix & CT_FIX_ERRORS;
+            bool fixing = repair;
             say(c, "%s OFLAG_COPIED L2 cluster: l1_index=%u l1_entry=%" PRIx64 " refcount=%" PRIu64,
                 fixing ? "Repairing" : "ERROR", i, l1e, rc);
             c->res->corruptions++;
@@ -490,7 +496,7 @@ static int check_copied(struct check *c, unsigned fix)
             }
             bool dwant = drc == 1;
             if (dwant != ((l2e & QCOW2_OFLAG_COPIED) != 0)) {
-                bool fixing = (fix & CT_FIX_ERRORS) && rc == 1;
+                bool fixing = repair && rc == 1;
                 say(c, "%s OFLAG_COPIED data cluster: l2_entry=%" PRIx64 " refcount=%" PRIu64,
                     fixing ? "Repairing" : "ERROR", l2e, drc);
                 c->res->corruptions++;

@@ -452,7 +452,19 @@ int qcow2_snapshot_create(struct qcow2_state *q, const char *name,
                           "has refcount_bits=%u)",
                           q->refcount_bits);
     }
-    int r = qcow2_mark_dirty(q);
+    /* Refuse before changing anything (not even the dirty bit, which would also invalidate
+     * persistent bitmaps): every reference must have room for one more count. */
+    int r = adjust_refs(q, q->l1, q->l1_size, 1, true, false);
+    if (r == -ERANGE) {
+        return ct_err_set(err, r,
+                          "a cluster's refcount would exceed the maximum of %llu for "
+                          "refcount_bits=%u",
+                          (unsigned long long)q->refcount_max, q->refcount_bits);
+    }
+    if (r < 0) {
+        return ct_err_set(err, r, "could not read the refcounts: %s", ct_strerror(r));
+    }
+    r = qcow2_mark_dirty(q);
     if (r < 0) {
         return ct_err_set(err, r, "could not mark the image dirty: %s", ct_strerror(r));
     }
@@ -669,13 +681,7 @@ int qcow2_snapshot_apply(struct qcow2_state *q, const char *key, struct ct_err *
         return idx;
     }
     struct qcow2_snapshot *s = &q->snapshots[idx];
-    int r = qcow2_mark_dirty(q);
-    if (r == 0) {
-        r = qcow2_flush_metadata(q);
-    }
-    if (r < 0) {
-        return ct_err_set(err, r, "could not flush the image: %s", ct_strerror(r));
-    }
+    int r;
     uint64_t span = q->cluster_size * q->l2_entries;
     uint32_t need = (uint32_t)ct_div_round_up(s->disk_size, span);
     uint32_t new_size = CT_MAX(s->l1_size, need);
@@ -694,11 +700,18 @@ int qcow2_snapshot_apply(struct qcow2_state *q, const char *key, struct ct_err *
         t[i] = nl1[i] & ~QCOW2_OFLAG_COPIED;
     }
     free(nl1);
+    /* Refuse before changing anything (the dirty bit included). */
     r = adjust_refs(q, t, s->l1_size, 1, true, false);
     if (r == -ERANGE) {
         free(t);
         return ct_err_set(err, r, "a cluster's refcount would exceed the maximum of %llu",
                           (unsigned long long)q->refcount_max);
+    }
+    if (r == 0) {
+        r = qcow2_mark_dirty(q);
+    }
+    if (r == 0) {
+        r = qcow2_flush_metadata(q);
     }
     if (r == 0) {
         r = adjust_refs(q, t, s->l1_size, 1, false, false);
