@@ -130,6 +130,12 @@ static int walk_l1(struct check *c, uint64_t l1_off, uint32_t l1_size, bool acti
                         off);
                     c->res->corruptions++;
                 }
+                if (off >= c->file_size) {
+                    say(c, "ERROR compressed cluster at 0x%" PRIx64
+                           " is beyond the end of the image file",
+                        off);
+                    c->res->corruptions++;
+                }
                 ref_range(c, off, len, "compressed cluster");
                 if (active) {
                     c->res->allocated_clusters++;

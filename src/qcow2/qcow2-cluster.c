@@ -922,8 +922,9 @@ static int alloc_bytes(struct qcow2_state *q, uint64_t len, uint64_t *out)
                  (off & (q->cluster_size - 1)) + len <= q->cluster_size;
     /* Sharing the cluster adds a reference: impossible at the refcount width's maximum
      * (always the case with 1-bit refcounts). */
-    if (share &&
-        (qcow2_refcount_get(q, off >> q->cluster_bits, &rc) < 0 || rc >= q->refcount_max)) {
+    if (share && (qcow2_meta_type(q, off >> q->cluster_bits) ||
+                  qcow2_refcount_get(q, off >> q->cluster_bits, &rc) < 0 || rc == 0 ||
+                  rc >= q->refcount_max)) {
         share = false;
     }
     if (share) {

@@ -541,6 +541,11 @@ int qcow2_free_later(struct qcow2_state *q, uint64_t off, uint64_t len)
 
 int qcow2_apply_pending_frees(struct qcow2_state *q)
 {
+    if (q->npending) {
+        /* The cluster compressed data was being packed into may be among the freed ones (and
+         * then reused for anything): start packing afresh. */
+        q->cfree_off = 0;
+    }
     for (size_t i = 0; i < q->npending; i++) {
         uint64_t first = q->pending[i].off >> q->cluster_bits;
         uint64_t last = (q->pending[i].off + q->pending[i].len - 1) >> q->cluster_bits;
