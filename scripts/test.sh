@@ -13,6 +13,8 @@ if command -v clang-format >/dev/null; then
         exit 1
     fi
 fi
+# The fuzz smoke test builds the libFuzzer targets (build-fuzz/) and runs each briefly.
+export COWTREE_FUZZ=1
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=99
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=98
 tests/run.sh -b build-asan -b build "$@"
