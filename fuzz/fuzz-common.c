@@ -11,6 +11,7 @@
 #include "fuzz-common.h"
 
 bool fz_verbose;
+FILE *fz_stderr;
 
 int fz_memfd(const void *data, size_t len, char *path, size_t path_len)
 {
@@ -73,13 +74,14 @@ void fz_close_fd(int fd)
 
 void fz_die(const char *fmt, ...)
 {
+    FILE *out = fz_stderr ? fz_stderr : stderr;
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "\n==== cowtree fuzz oracle violation: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
+    fprintf(out, "\n==== cowtree fuzz oracle violation: ");
+    vfprintf(out, fmt, ap);
+    fprintf(out, "\n");
     va_end(ap);
-    fflush(stderr);
+    fflush(out);
     abort();
 }
 
@@ -100,7 +102,7 @@ void fz_report_cb(void *opaque, const char *line)
         }
     }
     if (fz_verbose) {
-        fprintf(stderr, "  check: %s\n", line);
+        fprintf(fz_stderr ? fz_stderr : stderr, "  check: %s\n", line);
     }
     if (r->lines > 20) {
         return;
@@ -119,11 +121,12 @@ void fz_log(const char *fmt, ...)
     if (!fz_verbose) {
         return;
     }
+    FILE *out = fz_stderr ? fz_stderr : stderr;
     va_list ap;
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vfprintf(out, fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+    fputc('\n', out);
 }
 
 bool fz_avoid(const char *name)

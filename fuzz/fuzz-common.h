@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "cowtree/cowtree.h"
 
@@ -24,6 +25,9 @@ int fz_memfd(const void *data, size_t len, char *path, size_t path_len);
 /* Current bytes of an fd (whole file). Returns 0, or -1 when larger than max. */
 int fz_read_all(int fd, uint8_t **out, size_t *len, size_t max);
 void fz_close_fd(int fd);
+
+/* The real stderr while a target temporarily redirects the stdio stream (NULL: stderr). */
+extern FILE *fz_stderr;
 
 /* Report an oracle violation and abort (libFuzzer records the input). */
 void fz_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));

@@ -10,13 +10,18 @@
  * Then operations (one opcode byte, then arguments): write (plain/FUA/all-zero buffer),
  * write_zeroes (plain/UNMAP), discard, flush, truncate (grow/shrink), reopen, read-compare,
  * check, "crash" (copy the image file as it is on disk at this instant and examine the copy),
- * and "fault" (make the k-th next write/flush of the I/O layer fail with EIO).
+ * "fault" (make the k-th next write/flush of the I/O layer fail with EIO or ENOSPC), and
+ * extended operations: compressed cluster writes, internal snapshots (create with VM state,
+ * apply, delete, diff), compaction, amend (compat 0.10 <-> 1.1, lazy refcounts) and emptying
+ * (make_empty). fuzz/make-write-seeds.py documents the encoding.
  *
  * Oracles (abort() = a finding):
  *  - every read returns the model's bytes (the whole disk at the end, reads in between);
  *  - no operation fails unless an injected fault is armed;
  *  - a check in the middle of a session, and after close + reopen, finds no corruption and no
- *    leak; ct_image_info agrees with the creation options;
+ *    leak; ct_image_info agrees with the creation options (and amends);
+ *  - every snapshot, opened read-only at the end, holds the content it was taken with, and
+ *    its VM state reads back; a snapshot diff covers every byte that differs;
  *  - a crash copy (and the image after an injected I/O error) opens, its check finds no
  *    corruption (leaks are allowed: invariants Q1-Q6 of src/qcow2/qcow2.h), every byte not
  *    written since the last successful flush is intact, and after a repair the check is clean.
@@ -35,20 +40,20 @@
 
 #include "fuzz-common.h"
 
-#define PAGE 4096u
-#define MAX_VSIZE (4ull << 30)
-#define MAX_L2_SPANS 4096 /* and at most this many L2 tables' worth (verification walks them) */
-#define MAX_WRITE (1u << 20)
-#define MAX_ZERO (8u << 20)
-#define MAX_WRITTEN (16u << 20)
-#define MAX_OPS 96
-#define MAX_CRASH 2
+#define PAGE              4096u
+#define MAX_VSIZE         (4ull << 30)
+#define MAX_L2_SPANS      4096 /* and at most this many L2 tables' worth (verification walks them) */
+#define MAX_WRITE         (1u << 20)
+#define MAX_ZERO          (8u << 20)
+#define MAX_WRITTEN       (16u << 20)
+#define MAX_OPS           96
+#define MAX_CRASH         2
 #define FULL_VERIFY_LIMIT (8u << 20)
-#define VERIFY_BUDGET (32u << 20)
-#define PREALLOC_LIMIT (8u << 20)
-#define CRASH_FILE_MAX (256u << 20)
-#define BASE_STRIPE (64u << 10)
-#define EMPTY UINT64_MAX
+#define VERIFY_BUDGET     (32u << 20)
+#define PREALLOC_LIMIT    (8u << 20)
+#define CRASH_FILE_MAX    (256u << 20)
+#define BASE_STRIPE       (64u << 10)
+#define EMPTY             UINT64_MAX
 /* The model's byte loops run over every byte verified: keep libFuzzer's coverage and
  * comparison tracing out of them (they would dominate the run time and add no signal). */
 #define FZ_NOCOV __attribute__((no_sanitize("coverage"), noinline))
@@ -75,36 +80,80 @@ struct model {
     /* After an interrupted truncate the header may hold either size. */
     bool has_alt;
     uint64_t alt_size;
+    /* Every byte may differ in a crash copy until the next flush (snapshot apply, emptying). */
+    bool all_dirty;
+    /* Leaks are acceptable at the end (an operation failed in an allowed way). */
+    bool allow_leaks;
+    bool amended; /* compat changed: a crash copy may carry either version */
+    /* Applying a snapshot that saved VM state copies the state's L2 entries (past the disk,
+     * from the next L1 boundary) into the active L1, as QEMU does: growing the disk past this
+     * offset would show the VM state. Grows stop below it. */
+    uint64_t vm_exposed_from;
+};
+
+#define MAX_SNAPS 4
+struct snap {
+    char name[16];
+    struct model st; /* the content when taken (only tab, size, base_vis matter) */
+    uint32_t vm_seed;
+    uint64_t vm_len;
 };
 
 static const char *const op_names[16] = {
-    "write", "write", "write", "write-fua", "zero", "zero-unmap", "discard", "flush",
-    "truncate", "reopen", "crash", "read", "check", "fault", "write-zerobuf", "discard"};
+    "write",    "write",  "write", "write-fua", "zero",  "zero-unmap", "discard",       "flush",
+    "truncate", "reopen", "crash", "read",      "check", "fault",      "write-zerobuf", "extended"};
+static const char *const ext_names[8] = {
+    "write-compressed", "write-compressed-noise", "snapshot-create", "snapshot-apply",
+    "snapshot-delete",  "snapshot-diff",          "compact",         "amend/make-empty"};
 
 /* FUZZ_AVOID names (see fuzz-common.h): known bugs the decoding can steer around.
- *   prealloc-backing   preallocation over a backing file (hides the backing data; QEMU
- *                      refuses it unless extended_l2, and then keeps the data visible)
+ *   compressed-narrow-refcount  compressed writes with refcounts narrower than 16 bits (the
+ *                      byte allocator packs more compressed clusters into a host cluster
+ *                      than its refcount can count: -ERANGE; QEMU starts a new cluster)
+ *   compressed-stale-alloc  the compressed-data byte allocator keeps writing into the host
+ *                      cluster it last used even after that cluster was freed and reused
+ *                      (for guest data or an L2 table): reopen before each compressed write
+ *                      that follows another kind of operation, which resets the allocator
+ *   compact-partial-end  compaction truncates the file at the last whole cluster in use, cutting
+ *                      off compressed data in a last cluster that the file ends inside: no
+ *                      compaction after a reopen when compressed writes were made
+ *   compact-fault-leak  a compaction that fails on an I/O error leaks the cluster it had
+ *                      allocated for the move, in an image then closed clean: tolerate leaks
+ *                      after a failed compaction
  * (Fixed, names retired: v2-backing, prealloc-metadata, v3-512-backing, grow-backing,
- * fault-leak; their inputs stay in tests/fuzz/regressions/.) */
-static bool avoid_prealloc_backing;
+ * fault-leak, prealloc-backing; their inputs stay in tests/fuzz/regressions/.) */
+static bool avoid_compressed_narrow, avoid_compact_fault_leak, avoid_compressed_stale,
+    avoid_compact_partial_end;
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc;
     (void)argv;
     fz_verbose = getenv("FUZZ_VERBOSE") != NULL;
-    avoid_prealloc_backing = fz_avoid("prealloc-backing");
+    avoid_compressed_narrow = fz_avoid("compressed-narrow-refcount");
+    avoid_compact_fault_leak = fz_avoid("compact-fault-leak");
+    avoid_compressed_stale = fz_avoid("compressed-stale-alloc");
+    avoid_compact_partial_end = fz_avoid("compact-partial-end");
     /* Count I/O calls from the start so "fault" can name the k-th next one. */
     ct_fault_configure("count");
     return 0;
+}
+
+/* Why the data path refused (newer libraries; weak so that older ones still link). */
+const char *ct_image_last_error(const struct ct_image *img) __attribute__((weak));
+
+static const char *last_error(const struct ct_image *img)
+{
+    const char *why = img && ct_image_last_error ? ct_image_last_error(img) : NULL;
+    return why ? why : "";
 }
 
 /* ---- the model ---- */
 
 static FZ_NOCOV uint8_t pat(uint32_t seed, uint64_t off)
 {
-    uint32_t x = (uint32_t)off * 2654435761u ^ (uint32_t)(off >> 32) * 0x85ebca77u ^
-                 seed * 0x01000193u;
+    uint32_t x =
+        (uint32_t)off * 2654435761u ^ (uint32_t)(off >> 32) * 0x85ebca77u ^ seed * 0x01000193u;
     x ^= x >> 15;
     x *= 0x2c1b3c6du;
     x ^= x >> 12;
@@ -216,8 +265,7 @@ static struct page *page_get(struct model *m, uint64_t idx)
 
 enum how { SET_DATA, SET_ZERO, SET_BASE };
 
-static FZ_NOCOV void m_set(struct model *m, uint64_t off, uint64_t len, enum how how,
-                           uint32_t seed)
+static FZ_NOCOV void m_set(struct model *m, uint64_t off, uint64_t len, enum how how, uint32_t seed)
 {
     while (len) {
         uint64_t idx = off / PAGE, in = off % PAGE, n = PAGE - in < len ? PAGE - in : len;
@@ -262,6 +310,51 @@ static void m_clean(struct model *m)
     for (size_t i = 0; i < m->cap; i++) {
         m->tab[i].dirty = false;
     }
+    m->all_dirty = false;
+}
+
+/* Write exact bytes into the model. */
+static FZ_NOCOV void m_write_buf(struct model *m, uint64_t off, const uint8_t *buf, uint64_t len)
+{
+    while (len) {
+        uint64_t idx = off / PAGE, in = off % PAGE, n = PAGE - in < len ? PAGE - in : len;
+        struct page *p = page_get(m, idx);
+        memcpy(p->data + in, buf, n);
+        p->dirty = true;
+        buf += n;
+        off += n;
+        len -= n;
+    }
+}
+
+/* dst's content (pages, size, base visibility) becomes a deep copy of src's. */
+static void m_copy_content(struct model *dst, const struct model *src)
+{
+    for (size_t i = 0; i < dst->cap; i++) {
+        if (dst->tab[i].idx != EMPTY) {
+            free(dst->tab[i].data);
+        }
+    }
+    free(dst->tab);
+    dst->cap = src->cap;
+    dst->n = src->n;
+    dst->tab = malloc((src->cap ? src->cap : 1) * sizeof(*dst->tab));
+    if (!dst->tab) {
+        fz_die("out of memory");
+    }
+    for (size_t i = 0; i < src->cap; i++) {
+        dst->tab[i] = src->tab[i];
+        dst->tab[i].dirty = false;
+        if (src->tab[i].idx != EMPTY) {
+            dst->tab[i].data = malloc(PAGE);
+            if (!dst->tab[i].data) {
+                fz_die("out of memory");
+            }
+            memcpy(dst->tab[i].data, src->tab[i].data, PAGE);
+        }
+    }
+    dst->size = src->size;
+    dst->base_vis = src->base_vis;
 }
 
 static bool m_page_dirty(const struct model *m, uint64_t idx)
@@ -322,7 +415,10 @@ static void describe(const struct model *m, char *buf, size_t len)
              "compat=%s cluster_size=%u refcount_bits=%u extended_l2=%d size=%" PRIu64
              " backing=%s base_size=%" PRIu64,
              m->version == 2 ? "0.10" : "1.1", m->cs, m->rbits, m->ext_l2, m->size,
-             m->backing == 0 ? "none" : m->backing == 1 ? "raw" : "qcow2", m->base_size);
+             m->backing == 0   ? "none"
+             : m->backing == 1 ? "raw"
+                               : "qcow2",
+             m->base_size);
 }
 
 /* Index of the first differing byte, or n. */
@@ -350,8 +446,8 @@ static FZ_NOCOV void compare(struct ct_image *img, const struct model *m, uint64
         uint64_t n = len < sizeof(got) ? len : sizeof(got);
         int r = ct_image_pread(img, got, n, off);
         if (r < 0) {
-            fz_die("%s: read of %" PRIu64 " bytes at %" PRIu64 " failed: %s", ctx, n, off,
-                   ct_strerror(r));
+            fz_die("%s: read of %" PRIu64 " bytes at %" PRIu64 " failed: %s %s", ctx, n, off,
+                   ct_strerror(r), last_error(img));
         }
         m_expect(m, want, off, n);
         uint64_t i = 0;
@@ -390,6 +486,9 @@ static int cmp_u64(const void *a, const void *b)
 static FZ_NOCOV void verify_all(struct ct_image *img, const struct model *m, uint64_t vsize,
                                 const char *ctx, bool skip_dirty, bool full)
 {
+    if (skip_dirty && m->all_dirty) {
+        return;
+    }
     if (full && vsize <= FULL_VERIFY_LIMIT) {
         compare(img, m, 0, vsize, ctx, skip_dirty);
         return;
@@ -446,8 +545,8 @@ static void check_clean(struct ct_image *img, bool allow_leaks, const char *ctx)
     struct ct_err err = {0};
     int r = ct_image_check(img, CT_FIX_NONE, &res, fz_report_cb, &rep, &err);
     if (r < 0 || res.corruptions || res.check_errors || (!allow_leaks && res.leaks)) {
-        fz_die("%s: check returns %d (%s) with %" PRIu64 " corruptions, %" PRIu64
-               " leaks, %" PRIu64 " check errors:\n%s",
+        fz_die("%s: check returns %d (%s) with %" PRIu64 " corruptions, %" PRIu64 " leaks, %" PRIu64
+               " check errors:\n%s",
                ctx, r, r < 0 ? err.msg : "ok", res.corruptions, res.leaks, res.check_errors,
                rep.text);
     }
@@ -510,7 +609,7 @@ static void crash_verify(const struct model *m, int fd, const char *why)
     snprintf(ctx, sizeof(ctx), "%s, opened read-write (repair)", why);
     img = open_img(path, CT_OPEN_WRITE, 0, true, ctx);
     struct ct_err err = {0};
-    check_clean(img, m->version == 2, ctx);
+    check_clean(img, m->version == 2 || m->amended || m->allow_leaks, ctx);
     verify_all(img, m, cmp, ctx, true, false);
     int r = ct_image_close(img, &err);
     if (r < 0) {
@@ -622,6 +721,101 @@ static uint64_t gen_size(const struct model *m, struct rd *r)
     return s < m->max_size ? s : m->max_size;
 }
 
+/* ---- snapshots ---- */
+
+/* Could taking one more snapshot overflow a refcount (every snapshot and the active state
+ * reference the shared clusters)? Then a refusal is legitimate. */
+static bool refcount_tight(const struct model *m, unsigned nsnaps)
+{
+    return m->rbits < 64 && nsnaps + 2 > (1ull << m->rbits) - 1;
+}
+
+struct extents {
+    uint64_t *off, *len;
+    size_t n, cap;
+};
+
+static int extent_cb(void *opaque, uint64_t off, uint64_t len)
+{
+    struct extents *x = opaque;
+    if (x->n == x->cap) {
+        x->cap = x->cap ? x->cap * 2 : 256;
+        x->off = realloc(x->off, x->cap * sizeof(*x->off));
+        x->len = realloc(x->len, x->cap * sizeof(*x->len));
+        if (!x->off || !x->len) {
+            fz_die("out of memory");
+        }
+    }
+    x->off[x->n] = off;
+    x->len[x->n] = len;
+    x->n++;
+    return 0;
+}
+
+static bool in_extents(const struct extents *x, uint64_t pos)
+{
+    size_t lo = 0, hi = x->n;
+    while (lo < hi) { /* first extent ending after pos */
+        size_t mid = (lo + hi) / 2;
+        if (x->off[mid] + x->len[mid] <= pos) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo < x->n && x->off[lo] <= pos;
+}
+
+static void diff_check_page(const struct model *a, const struct model *b, uint64_t idx,
+                            uint64_t limit, const struct extents *x, const char *ctx)
+{
+    static uint8_t pa[PAGE], pb[PAGE];
+    uint64_t off = idx * PAGE;
+    if (off >= limit) {
+        return;
+    }
+    uint64_t n = limit - off < PAGE ? limit - off : PAGE;
+    m_expect(a, pa, off, n);
+    m_expect(b, pb, off, n);
+    for (uint64_t i = first_diff(pa, pb, n); i < n;
+         i += 1 + first_diff(pa + i + 1, pb + i + 1, n - i - 1)) {
+        if (!in_extents(x, off + i)) {
+            fz_die("%s: byte %" PRIu64 " differs (0x%02x / 0x%02x) but no reported extent "
+                   "covers it (%zu extents)",
+                   ctx, off + i, pa[i], pb[i], x->n);
+        }
+    }
+}
+
+/* Every byte that differs between a and b (below both sizes) lies in a reported extent. */
+static void diff_check(const struct model *a, const struct model *b, const struct extents *x,
+                       const char *ctx)
+{
+    for (size_t i = 0; i < x->n; i++) {
+        if (x->len[i] == 0 || (i && x->off[i] < x->off[i - 1] + x->len[i - 1])) {
+            fz_die("%s: extent %zu (%" PRIu64 "+%" PRIu64 ") is empty, overlaps or is out of "
+                   "order",
+                   ctx, i, x->off[i], x->len[i]);
+        }
+    }
+    uint64_t limit = a->size < b->size ? a->size : b->size;
+    for (int k = 0; k < 2; k++) {
+        const struct model *m = k ? b : a;
+        for (size_t i = 0; i < m->cap; i++) {
+            if (m->tab[i].idx != EMPTY) {
+                diff_check_page(a, b, m->tab[i].idx, limit, x, ctx);
+            }
+        }
+    }
+    /* Where only one of them still sees the backing file. */
+    uint64_t lo = a->base_vis < b->base_vis ? a->base_vis : b->base_vis;
+    uint64_t hi = a->base_vis < b->base_vis ? b->base_vis : a->base_vis;
+    hi = hi < a->base_size ? hi : a->base_size;
+    for (uint64_t idx = lo / PAGE; idx * PAGE < hi; idx++) {
+        diff_check_page(a, b, idx, limit, x, ctx);
+    }
+}
+
 /* ---- the target ---- */
 
 static void make_base(struct model *m, int kind, char *path, size_t path_len, int *fd,
@@ -643,7 +837,9 @@ static void make_base(struct model *m, int kind, char *path, size_t path_len, in
     }
     *fd = fz_memfd(NULL, 0, path, path_len);
     struct ct_err err = {0};
-    struct ct_create_opts co = {.format = "qcow2", .size = m->base_size, .size_given = true,
+    struct ct_create_opts co = {.format = "qcow2",
+                                .size = m->base_size,
+                                .size_given = true,
                                 .cluster_size = 1u << base_cbits};
     if (ct_image_create(path, &co, &err) < 0) {
         fz_die("creating the qcow2 backing file failed: %s", err.msg);
@@ -723,12 +919,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         m.size = m.max_size;
     }
     m.base_vis = m.size;
+    m.vm_exposed_from = UINT64_MAX;
     if (m.backing) {
         m.base_size = ((uint64_t)(h[6] & 15) + 1) * BASE_STRIPE - (uint64_t)(h[6] >> 4) * 1000;
         m.base_mask = h[7] | (uint32_t)(h[7] ^ 0x5a) << 8;
         m.base_seed = 0xba5e0000u | h[6] << 8 | h[7];
     }
-    if (m.size > PREALLOC_LIMIT || (m.backing && avoid_prealloc_backing)) {
+    if (m.size > PREALLOC_LIMIT) {
         want_prealloc = false;
     }
 
@@ -743,7 +940,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         .size = m.size,
         .size_given = true,
         .backing_file = m.backing ? bpath : NULL,
-        .backing_format = m.backing == 1 ? "raw" : m.backing == 2 ? "qcow2" : NULL,
+        .backing_format = m.backing == 1   ? "raw"
+                          : m.backing == 2 ? "qcow2"
+                                           : NULL,
         .no_open_backing = no_open_backing,
         .cluster_size = m.cs,
         .compat = m.version,
@@ -769,9 +968,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     bool armed = false, faulted = false;
     unsigned crashes = 0;
+    struct snap snaps[MAX_SNAPS];
+    unsigned nsnaps = 0, snapseq = 0;
     uint32_t seq = 0;
     static uint8_t wbuf[MAX_WRITE];
+    bool prev_compressed = false, this_compressed = false, any_compressed = false;
     for (unsigned nops = 0; in.n && nops < MAX_OPS; nops++) {
+        prev_compressed = this_compressed;
+        this_compressed = false;
         uint8_t op = rd8(&in);
         unsigned kind = op & 15, om = op >> 4 & 3, lm = op >> 6;
         uint64_t off = 0, len = 0;
@@ -814,8 +1018,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             r = ct_image_pwrite_zeroes(img, len, off, kind == 5 ? CT_WRITE_UNMAP : 0);
             m_set(&m, off, len, SET_ZERO, 0);
             break;
-        case 6:
-        case 15: {
+        case 6: {
             off = gen_off(&m, &in, om);
             len = gen_len(&m, &in, lm, off, MAX_ZERO);
             if (!len) {
@@ -842,11 +1045,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 8: {
             uint64_t s = gen_size(&m, &in);
             off = s;
+            if (s > m.vm_exposed_from) {
+                continue;
+            }
             if (s < m.size) {
                 m_dirty(&m, s / PAGE * PAGE, PAGE);
             }
             uint64_t old = m.size;
             r = ct_image_truncate(img, s, true, &err);
+            if (r < 0 && !armed && nsnaps && s < old) {
+                fz_log("op %u: shrink refused with snapshots: %s", nops, err.msg);
+                continue; /* QEMU refuses it too */
+            }
             if (r < 0) {
                 m.has_alt = true;
                 m.alt_size = old;
@@ -918,6 +1128,160 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             fz_log("op %u: fault armed: %s (%u calls from now)", nops, spec, k);
             continue;
         }
+        case 15: {
+            uint8_t sub = rd8(&in);
+            uint32_t v = rd32(&in);
+            unsigned what = sub & 7;
+            name = ext_names[what];
+            if (what <= 1) {
+                uint64_t ncl = (m.size + m.cs - 1) / m.cs;
+                if (!ncl || (avoid_compressed_narrow && m.rbits < 16)) {
+                    continue;
+                }
+                off = (v % ncl) * m.cs;
+                len = m.size - off < m.cs ? m.size - off : m.cs;
+                if (m.written + len > MAX_WRITTEN) {
+                    continue;
+                }
+                if (avoid_compressed_stale && !prev_compressed) {
+                    if (armed) {
+                        continue;
+                    }
+                    if (ct_image_close(img, &err) < 0) {
+                        fz_die("close before a compressed write failed: %s", err.msg);
+                    }
+                    m_clean(&m);
+                    img = open_img(path, open_flags, cache, true, "reopen");
+                }
+                m.written += len;
+                uint32_t seed = ++seq;
+                for (uint64_t i = 0; i < len; i++) {
+                    wbuf[i] = what == 0 ? pat(seed, (off + i) >> 6) : pat(seed, off + i);
+                }
+                m_dirty(&m, off, len);
+                r = ct_image_pwrite_compressed(img, wbuf, len, off);
+                this_compressed = any_compressed = true;
+                m_write_buf(&m, off, wbuf, len);
+            } else if (what == 2) {
+                if (nsnaps == MAX_SNAPS) {
+                    continue;
+                }
+                struct snap *sn = &snaps[nsnaps];
+                memset(sn, 0, sizeof(*sn));
+                snprintf(sn->name, sizeof(sn->name), "s%u", ++snapseq);
+                sn->vm_seed = ++seq;
+                sn->vm_len = (v & 3) ? (v >> 2) % 70000 : 0;
+                uint8_t *vm = malloc(sn->vm_len + 1);
+                if (!vm) {
+                    fz_die("out of memory");
+                }
+                for (uint64_t i = 0; i < sn->vm_len; i++) {
+                    vm[i] = pat(sn->vm_seed, i);
+                }
+                struct ct_snapshot_create_opts so = {.date_sec = 1000 + snapseq,
+                                                     .vm_clock_nsec = v,
+                                                     .vmstate = sn->vm_len ? vm : NULL,
+                                                     .vmstate_len = sn->vm_len};
+                r = ct_snapshot_create(img, sn->name, &so, &err);
+                free(vm);
+                off = nsnaps;
+                len = sn->vm_len;
+                if (r < 0 && !armed && refcount_tight(&m, nsnaps)) {
+                    fz_log("op %u: snapshot refused, refcounts too narrow: %s", nops, err.msg);
+                    m.allow_leaks = true;
+                    continue;
+                }
+                if (r == 0) {
+                    sn->st = m;
+                    sn->st.tab = NULL;
+                    sn->st.cap = sn->st.n = 0;
+                    m_copy_content(&sn->st, &m);
+                    nsnaps++;
+                }
+            } else if (what == 3 || what == 4) {
+                if (!nsnaps) {
+                    continue;
+                }
+                unsigned i = v % nsnaps;
+                off = i;
+                if (what == 3) {
+                    uint64_t old = m.size;
+                    r = ct_snapshot_apply(img, snaps[i].name, &err);
+                    if ((r == 0 || armed) && snaps[i].vm_len) {
+                        uint64_t vo = (snaps[i].st.size + span - 1) / span * span;
+                        m.vm_exposed_from = vo < m.vm_exposed_from ? vo : m.vm_exposed_from;
+                    }
+                    if (r == 0 || armed) {
+                        m_copy_content(&m, &snaps[i].st);
+                        m.all_dirty = true;
+                        m.has_alt = true;
+                        m.alt_size = old;
+                    }
+                } else {
+                    r = ct_snapshot_delete(img, snaps[i].name, &err);
+                    if (r == 0) {
+                        m_free(&snaps[i].st);
+                        snaps[i] = snaps[--nsnaps];
+                    }
+                }
+            } else if (what == 5) {
+                if (!nsnaps || armed) {
+                    continue;
+                }
+                unsigned i = v % nsnaps, j = (v >> 8) % (nsnaps + 1);
+                struct extents x = {0};
+                r = ct_snapshot_diff(img, snaps[i].name, j < nsnaps ? snaps[j].name : NULL,
+                                     extent_cb, &x, &err);
+                if (r == 0) {
+                    snprintf(ctx, sizeof(ctx), "snapshot diff %s..%s after op %u", snaps[i].name,
+                             j < nsnaps ? snaps[j].name : "active", nops);
+                    diff_check(&snaps[i].st, j < nsnaps ? &snaps[j].st : &m, &x, ctx);
+                }
+                len = x.n;
+                free(x.off);
+                free(x.len);
+            } else if (what == 6) {
+                if (avoid_compact_partial_end && any_compressed) {
+                    continue;
+                }
+                struct ct_compact_result cr = {0};
+                r = ct_image_compact(img, &cr, &err);
+                len = cr.clusters_moved; /* (file_size_before predates the metadata flush) */
+                if (r < 0 && armed && avoid_compact_fault_leak) {
+                    m.allow_leaks = true;
+                }
+            } else {
+                unsigned sel = sub >> 3 & 3;
+                if (sel == 3) {
+                    r = ct_image_make_empty(img, &err);
+                    if (r == 0 || armed) {
+                        tab_rebuild(&m, m.cap ? m.cap : 256, 0);
+                        m.base_vis = m.size; /* a later grow zero-fills past the size */
+                        m.all_dirty = true;
+                    }
+                } else {
+                    int compat = sel == 0 ? 2 : sel == 1 ? 3 : 0;
+                    int lazy = sel == 2 ? !m.lazy : -1;
+                    off = (uint64_t)compat;
+                    r = ct_image_amend(img, compat, lazy, &err);
+                    if (r < 0 && !armed) {
+                        /* Not every image can be downgraded (extended L2, zstd, refcount
+                         * width, ...): a refusal is fine, as long as nothing changed. */
+                        fz_log("op %u: amend(compat %d, lazy %d) refused: %s", nops, compat, lazy,
+                               err.msg);
+                        continue;
+                    }
+                    if (compat && compat != m.version) {
+                        m.amended = true;
+                        m.version = compat;
+                    }
+                    if (lazy >= 0) {
+                        m.lazy = lazy;
+                    }
+                }
+            }
+            break;
+        }
         default:
             continue;
         }
@@ -928,8 +1292,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 char d[256];
                 describe(&m, d, sizeof(d));
                 fz_die("op %u (%s, off %" PRIu64 ", len %" PRIu64 ") failed with no fault "
-                       "injected: %s (%s)",
-                       nops, name, off, len, ct_strerror(r), d);
+                       "injected: %s %s %s (%s)",
+                       nops, name, off, len, ct_strerror(r), err.code == r ? err.msg : "",
+                       last_error(img), d);
             }
             faulted = true;
             break;
@@ -952,10 +1317,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         crash_verify(&m, fd, "image after an injected I/O error");
     } else {
         img = open_img(path, 0, 0, true, "reopen after close");
-        check_clean(img, false, "after close and reopen");
+        check_clean(img, m.allow_leaks, "after close and reopen");
         if (ct_image_size(img) != m.size) {
-            fz_die("after reopen: virtual size %" PRIu64 ", expected %" PRIu64,
-                   ct_image_size(img), m.size);
+            fz_die("after reopen: virtual size %" PRIu64 ", expected %" PRIu64, ct_image_size(img),
+                   m.size);
         }
         verify_all(img, &m, m.size, "after close and reopen", false, true);
         struct ct_image_info info;
@@ -973,7 +1338,44 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                    info.dirty, info.corrupt, info.virtual_size, info.compression_type,
                    info.lazy_refcounts);
         }
+        if (ct_snapshot_count(img) != (int)nsnaps) {
+            fz_die("%d snapshots, expected %u", ct_snapshot_count(img), nsnaps);
+        }
+        for (unsigned i = 0; i < nsnaps; i++) {
+            char ctx[96];
+            snprintf(ctx, sizeof(ctx), "snapshot %s after close and reopen", snaps[i].name);
+            uint8_t *vm = malloc(snaps[i].vm_len + 1);
+            if (!vm) {
+                fz_die("out of memory");
+            }
+            r = ct_snapshot_read_vmstate(img, snaps[i].name, vm, snaps[i].vm_len, 0, &err);
+            if (r < 0) {
+                fz_die("%s: reading its VM state (%" PRIu64 " bytes) failed: %s", ctx,
+                       snaps[i].vm_len, err.msg);
+            }
+            for (uint64_t k = 0; k < snaps[i].vm_len; k++) {
+                if (vm[k] != pat(snaps[i].vm_seed, k)) {
+                    fz_die("%s: VM state byte %" PRIu64 " is 0x%02x, expected 0x%02x", ctx, k,
+                           vm[k], pat(snaps[i].vm_seed, k));
+                }
+            }
+            free(vm);
+            struct ct_image *si = NULL;
+            struct ct_open_opts so = {.format = "qcow2", .snapshot = snaps[i].name};
+            if (ct_image_open(&si, path, &so, &err) < 0) {
+                fz_die("%s: opening it read-only failed: %s", ctx, err.msg);
+            }
+            if (ct_image_size(si) != snaps[i].st.size) {
+                fz_die("%s: virtual size %" PRIu64 ", expected %" PRIu64, ctx, ct_image_size(si),
+                       snaps[i].st.size);
+            }
+            verify_all(si, &snaps[i].st, snaps[i].st.size, ctx, false, true);
+            ct_image_close(si, NULL);
+        }
         ct_image_close(img, NULL);
+    }
+    for (unsigned i = 0; i < nsnaps; i++) {
+        m_free(&snaps[i].st);
     }
     fz_close_fd(fd);
     fz_close_fd(bfd);

@@ -8,7 +8,7 @@ Bytecode (see the top of fuzz/fuzz-write.c):
     h0: bit0 compat=0.10, bit1 extended_l2, bit2 lazy_refcounts, bit3 zstd,
         bits4-5 backing (0/1 none, 2 raw, 3 qcow2), bit6 preallocate, bit7 tiny caches
     h1: bits0-2 cluster_bits-9, bits3-4 prealloc mode, bit6 create -u, bit7 writethrough
-    h2: bits0-2 refcount order (bits = 1 << order), bits3-5 backing qcow2 cluster_bits-9
+    h2: refcount order = h2 % 7 (bits = 1 << order), bits3-5 backing qcow2 cluster_bits-9
     h3-h5: virtual size (h3 bits6-7 select the encoding), h6-h7: backing size and stripes
   then operations: opcode byte = kind | offset_mode << 4 | length_mode << 6, then arguments.
 """
@@ -17,7 +17,10 @@ import struct
 import sys
 
 WRITE, WRITE_FUA, ZERO, ZERO_UNMAP, DISCARD, FLUSH, TRUNCATE, REOPEN, CRASH, READ, CHECK, FAULT, \
-    WRITE_ZBUF = 0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14
+    WRITE_ZBUF, EXT = 0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
+# Extended operations (EXT, then a selector byte and a 32-bit argument).
+X_COMPRESSED, X_COMPRESSED_NOISE, X_SNAP_CREATE, X_SNAP_APPLY, X_SNAP_DELETE, X_SNAP_DIFF, \
+    X_COMPACT, X_AMEND = range(8)
 
 
 def header(cbits=16, v2=False, ext=False, lazy=False, zstd=False, backing=0, prealloc=0,
@@ -26,7 +29,8 @@ def header(cbits=16, v2=False, ext=False, lazy=False, zstd=False, backing=0, pre
     h0 |= {0: 0, 1: 2, 2: 3}[backing] << 4
     h0 |= (0x40 if prealloc else 0) | (0x80 if tiny else 0)
     h1 = (cbits - 9) | (((prealloc - 1) % 3 if prealloc else 0) << 3) | (0x80 if wt else 0)
-    h2 = rorder | (3 << 3)
+    # The target reads the refcount order as h2 % 7 and the backing cluster bits as bits 3-5.
+    h2 = 3 << 3 | (rorder - 3) % 7
     if size < (4 << 20):
         h3, h4, h5 = (size >> 16) & 63, (size >> 8) & 255, size & 255
     else:
@@ -64,6 +68,13 @@ def fault(k, which=0):
     return bytes([FAULT, k - 1, which])
 
 
+def ext(what, arg=0, sel=0):
+    """what: X_*; for X_AMEND sel 0 = compat 0.10, 1 = compat 1.1, 2 = toggle lazy refcounts,
+    3 = make empty. X_SNAP_CREATE: arg & 3 != 0 saves (arg >> 2) % 70000 bytes of VM state;
+    apply/delete/diff pick snapshots by arg modulo their count."""
+    return bytes([EXT, what | sel << 3]) + struct.pack(">I", arg)
+
+
 def script_basic():
     return (rw(WRITE, 0, 4096) + rw(WRITE, 5000, 3000) + rw(WRITE, 1, 2, om=1, lm=1) +
             rw(READ, 0, 8192) + simple(FLUSH) + rw(ZERO, 2048, 6000) +
@@ -95,6 +106,30 @@ def script_many():
 def script_crash():
     return (rw(WRITE, 0, 8192) + simple(CRASH) + rw(WRITE, 4096, 100) + rw(DISCARD, 0, 8192) +
             simple(CRASH) + simple(FLUSH) + rw(WRITE, 12000, 5000) + simple(CRASH))
+
+
+def script_snapshots():
+    return (rw(WRITE, 0, 8192) + rw(WRITE, 3, 2, om=1, lm=1) + ext(X_SNAP_CREATE, 1 | 4000 << 2) +
+            rw(WRITE, 4096, 100) + rw(DISCARD, 3, 1, om=1, lm=1) + ext(X_SNAP_DIFF, 0) +
+            ext(X_SNAP_CREATE, 0) + rw(ZERO, 0, 3000) + ext(X_SNAP_DIFF, 1 | 1 << 8) +
+            simple(CRASH) + ext(X_SNAP_APPLY, 0) + rw(READ, 0, 8192) + rw(WRITE, 100, 5000) +
+            ext(X_SNAP_DELETE, 1) + simple(CHECK) + ext(X_COMPACT) + truncate(0, 70000) +
+            simple(REOPEN) + ext(X_SNAP_DIFF, 0))
+
+
+def script_compressed():
+    return (ext(X_COMPRESSED, 0) + ext(X_COMPRESSED, 1) + ext(X_COMPRESSED_NOISE, 2) +
+            rw(READ, 0, 8192) + rw(WRITE, 100, 50) + ext(X_COMPRESSED, 5) + rw(ZERO, 1, 1, om=1,
+                                                                               lm=1) +
+            rw(DISCARD, 0, 1, om=1, lm=1) + simple(CRASH) + ext(X_COMPRESSED, 0) + simple(CHECK) +
+            ext(X_COMPACT) + simple(REOPEN) + rw(READ, 0, 40000))
+
+
+def script_amend():
+    return (rw(WRITE, 0, 4096) + rw(ZERO, 1, 2, om=1, lm=1) + ext(X_AMEND, 0, 0) +
+            rw(WRITE, 8000, 100) + simple(CHECK) + ext(X_AMEND, 0, 2) + ext(X_AMEND, 0, 1) +
+            rw(DISCARD, 0, 1, om=1, lm=1) + simple(CRASH) + ext(X_AMEND, 0, 3) + rw(READ, 0, 8192) +
+            rw(WRITE, 2, 1, om=1, lm=1) + ext(X_COMPACT) + simple(REOPEN))
 
 
 def main():
@@ -130,6 +165,9 @@ def main():
         "fault-any": script_fault(9, 2),
         "many": script_many(),
         "crash": script_crash(),
+        "snapshots": script_snapshots(),
+        "compressed": script_compressed(),
+        "amend": script_amend(),
     }
     n = 0
     for hn, h in headers.items():

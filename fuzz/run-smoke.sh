@@ -56,9 +56,11 @@ for t in "${targets[@]}"; do
     before=$(ls "$art" | wc -l)
     extra=()
     [ "$jobs" -gt 1 ] && extra=(-fork="$jobs" -ignore_crashes=1)
+    [ -f "$top/fuzz/$t.dict" ] && extra+=(-dict="$top/fuzz/$t.dict")
     echo "== $t: ${secs}s, seeds $(ls "$seeds" 2>/dev/null | wc -l), corpus $(ls "$corpus" | wc -l)"
     "$bin" -max_total_time="$secs" -max_len="$(max_len "$t")" -timeout=60 -rss_limit_mb=4096 \
-        -artifact_prefix="$art/" -print_final_stats=1 "${extra[@]}" "$corpus" "$seeds" >"$log" 2>&1
+        -artifact_prefix="$art/" -print_final_stats=1 -error_exitcode=1 "${extra[@]}" \
+        "$corpus" "$seeds" >"$log" 2>&1
     rc=$?
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
     last=$(grep -E '^#[0-9]+' "$log" | grep -o 'cov: [0-9]* ft: [0-9]* corp: [0-9]*' | tail -1)

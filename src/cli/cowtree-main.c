@@ -786,8 +786,6 @@ static int cmd_snapshot_create_as(int argc, char **argv)
     int r = mgr_snapshot_create(mgr, dom, &o, &name, &err);
     if (r < 0) {
         rc = fail(r, &err);
-    } else if (o.disk_only) {
-        printf("Domain snapshot %s created\n", name);
     } else {
         printf("Domain snapshot %s created\n", name);
     }
@@ -1901,14 +1899,13 @@ static int cmd_clone(int argc, char **argv)
     struct ct_err err = {0};
     struct mgr_plan *plan = NULL;
     const char *dom = argv[optind], *snap = argv[optind + 1], *nd = argv[optind + 2];
-    int r = mgr_clone(mgr, dom, snap, nd, flatten, &plan, &err);
-    (void)dry;
+    int r = mgr_clone(mgr, dom, snap, nd, flatten, dry ? MGR_DRY_RUN : 0, &plan, &err);
     if (r < 0) {
         mgr_plan_free(plan);
         return fail(r, &err);
     }
-    if (json) {
-        print_plan(plan, "clone", dom, false, true);
+    if (json || dry) {
+        print_plan(plan, "clone", dom, dry, json);
     } else {
         printf("Domain '%s' cloned from snapshot %s of %s%s\n\n", nd, snap, dom,
                flatten ? " (flattened)" : "");
@@ -1950,7 +1947,7 @@ static int cmd_reconcile(int argc, char **argv)
     }
     size_t open_ = 0;
     for (size_t i = 0; i < n; i++) {
-        open_ += !f[i].fixed;
+        open_ += !f[i].fixed && !f[i].note;
     }
     if (json) {
         json_object *o = json_object_new_object();
@@ -1959,6 +1956,7 @@ static int cmd_reconcile(int argc, char **argv)
             json_object *e = json_object_new_object();
             json_object_object_add(e, "path", jstr(f[i].path));
             json_object_object_add(e, "problem", jstr(f[i].what));
+            json_object_object_add(e, "note", json_object_new_boolean(f[i].note));
             json_object_object_add(e, "fixable", json_object_new_boolean(f[i].fixable));
             json_object_object_add(e, "fixed", json_object_new_boolean(f[i].fixed));
             json_object_array_add(a, e);
@@ -1967,17 +1965,23 @@ static int cmd_reconcile(int argc, char **argv)
         json_object_object_add(o, "findings", a);
         json_object_object_add(o, "unresolved", json_object_new_int64((int64_t)open_));
         print_json(o);
-    } else if (n == 0) {
-        printf("Domain %s: catalog and files agree\n", argv[optind]);
     } else {
         for (size_t i = 0; i < n; i++) {
-            printf("%s: %s%s\n",
-                   f[i].fixed     ? "fixed"
-                   : f[i].fixable ? "fixable"
-                                  : "problem",
-                   f[i].path ? f[i].path : "", f[i].what);
+            const char *kind = f[i].note      ? "note"
+                               : f[i].fixed   ? "fixed"
+                               : f[i].fixable ? "fixable"
+                                              : "problem";
+            if (f[i].path) {
+                printf("%s: %s: %s\n", kind, f[i].path, f[i].what);
+            } else {
+                printf("%s: %s\n", kind, f[i].what);
+            }
         }
-        printf("%zu finding(s), %zu unresolved\n", n, open_);
+        if (open_ == 0) {
+            printf("Domain %s: catalog and files agree\n", argv[optind]);
+        } else {
+            printf("%zu finding(s), %zu unresolved\n", n, open_);
+        }
     }
     mgr_findings_free(f, n);
     return open_ ? EXIT_MISMATCH : 0;

@@ -477,7 +477,7 @@ out:
 }
 
 int mgr_clone(struct mgr *m, const char *dom, const char *snap, const char *newdom, bool flatten,
-              struct mgr_plan **plan_out, struct ct_err *err)
+              unsigned flags, struct mgr_plan **plan_out, struct ct_err *err)
 {
     struct m_ctx x;
     ctx_init(&x, m);
@@ -551,7 +551,7 @@ int mgr_clone(struct mgr *m, const char *dom, const char *snap, const char *newd
         free(path);
     }
     if (r == 0) {
-        r = ctx_finish(&x, false, plan_out, err);
+        r = ctx_finish(&x, (flags & MGR_DRY_RUN) != 0, plan_out, err);
     }
 out:
     ctx_fini(&x);
@@ -593,6 +593,7 @@ static struct mgr_finding *finding(struct findings *f, const char *path, bool fi
     e->what = s;
     e->fixable = fixable;
     e->fixed = false;
+    e->note = false;
     return e;
 }
 
@@ -606,23 +607,23 @@ static void check_image(struct m_ctx *x, struct m_domain *d, const char *path, c
         set_add(seen, nseen, path);
         struct m_image *im = m_image_find(x->cat, path);
         if (!im) {
-            finding(f, path, false, ": the catalog has no record of this image");
+            finding(f, path, false, "the catalog has no record of this image");
             return;
         }
         if (!mgr_file_exists(path)) {
             finding(f, path, false,
-                    ": the file is missing (moved or deleted behind cowtree's "
+                    "the file is missing (moved or deleted behind cowtree's "
                     "back)");
             return;
         }
         struct ct_err e2 = {0};
         struct m_probe *pr = m_probe_get(&x->probes, path, im->format, &e2);
         if (!pr) {
-            finding(f, path, false, ": cannot be read as %s: %s", im->format, e2.msg);
+            finding(f, path, false, "cannot be read as %s: %s", im->format, e2.msg);
             return;
         }
         if (!mgr_streq(pr->backing, im->backing)) {
-            finding(f, path, false, ": links to backing file %s, the catalog expects %s",
+            finding(f, path, false, "links to backing file %s, the catalog expects %s",
                     pr->backing ? pr->backing : "(none)", im->backing ? im->backing : "(none)");
         }
         path = im->backing;
@@ -668,8 +669,8 @@ int mgr_reconcile(struct mgr *m, const char *dom, bool fix, struct mgr_finding *
                 if (pr && !m_probe_has_snap(pr, s->name) && s->valid) {
                     struct mgr_finding *e =
                         finding(&f, sd->image, true,
-                                ": holds no internal snapshot '%s' (snapshot %s, disk %s)%s",
-                                s->name, s->name, sd->target, fix ? "; marked invalid" : "");
+                                "holds no internal snapshot '%s' (snapshot %s, disk %s)%s", s->name,
+                                s->name, sd->target, fix ? "; marked invalid" : "");
                     if (fix) {
                         s->valid = false;
                         e->fixed = changed = true;
@@ -679,12 +680,35 @@ int mgr_reconcile(struct mgr *m, const char *dom, bool fix, struct mgr_finding *
             if (sd->kind == MK_EXTERNAL && sd->file && !mgr_file_exists(sd->file) &&
                 !m_image_find(x.cat, sd->file)) {
                 struct mgr_finding *e =
-                    finding(&f, sd->file, true, ": overlay of snapshot %s no longer exists%s",
+                    finding(&f, sd->file, true, "overlay of snapshot %s no longer exists%s",
                             s->name, fix ? "; reference dropped" : "");
                 if (fix) {
                     mgr_setstr(&sd->file, NULL);
                     e->fixed = changed = true;
                 }
+            }
+        }
+    }
+    /* Internal snapshots the files hold that no catalog snapshot names. */
+    for (size_t i = 0; i < nseen; i++) {
+        struct m_probe *pr =
+            mgr_file_exists(seen[i]) ? m_probe_get(&x.probes, seen[i], NULL, NULL) : NULL;
+        for (size_t k = 0; pr && k < pr->nsnaps; k++) {
+            bool known = false;
+            for (size_t j = 0; j < d->ns && !known; j++) {
+                struct m_snap *s = d->snaps[j];
+                for (size_t q = 0; q < s->nd; q++) {
+                    known |= s->disks[q].kind == MK_INTERNAL &&
+                             mgr_streq(s->disks[q].image, seen[i]) &&
+                             strcmp(s->name, pr->snaps[k]) == 0;
+                }
+            }
+            if (!known) {
+                finding(&f, seen[i], false,
+                        "holds internal snapshot '%s' that the catalog does not know "
+                        "(--no-metadata, or made by another tool)",
+                        pr->snaps[k])
+                    ->note = true;
             }
         }
     }
@@ -699,7 +723,7 @@ int mgr_reconcile(struct mgr *m, const char *dom, bool fix, struct mgr_finding *
                 continue; /* kept for internal snapshots the catalog does not name */
             }
             struct mgr_finding *e =
-                finding(&f, im->path, gone, ": registered but used by nothing%s%s",
+                finding(&f, im->path, gone, "registered but used by nothing%s%s",
                         gone ? " and missing" : "", gone && fix ? "; record dropped" : "");
             if (gone && fix) {
                 e->fixed = changed = true;

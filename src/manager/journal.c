@@ -711,6 +711,13 @@ int plan_run(struct mgr *m, struct mgr_plan *p, const char *sql, struct ct_err *
                               p->domain, p->op, (long long)time(NULL));
     int r = cat_exec(m, "BEGIN IMMEDIATE", err);
     if (r == 0) {
+        /* History: keep the last 1000 finished plans. */
+        r = cat_exec(m,
+                     "DELETE FROM plans WHERE state != 'pending' AND id <= "
+                     "(SELECT max(id) FROM plans) - 1000",
+                     err);
+    }
+    if (r == 0) {
         r = cat_exec(m, q, err);
     }
     sqlite3_free(q);

@@ -204,7 +204,7 @@ int mgr_blockcopy(struct mgr *m, const char *dom, const char *disk, const struct
 /* A new domain whose disks are thin overlays on the snapshot's state (flatten: full copies
  * instead, independent of the source). */
 int mgr_clone(struct mgr *m, const char *dom, const char *snap, const char *newdom, bool flatten,
-              struct mgr_plan **plan, struct ct_err *err);
+              unsigned flags, struct mgr_plan **plan, struct ct_err *err);
 
 /* ---- Reconcile ---- */
 
@@ -213,6 +213,7 @@ struct mgr_finding {
     char *what; /* description of the disagreement */
     bool fixed; /* repaired by --fix */
     bool fixable;
+    bool note; /* information, not a disagreement (e.g. a --no-metadata internal snapshot) */
 };
 int mgr_reconcile(struct mgr *m, const char *dom, bool fix, struct mgr_finding **out, size_t *n,
                   struct ct_err *err);

@@ -257,7 +257,8 @@ static int collapse_one(struct m_ctx *x, const char *path, bool strict, struct c
     }
     bool commit_ok = false;
     uint64_t cost_commit = 0, cost_pull = pr->alloc * nch;
-    if (nch == 1 && ch[0]->owned && cp[0]->nsnaps == 0) {
+    /* The child takes this image's place: only within one domain's files. */
+    if (nch == 1 && ch[0]->owned && cp[0]->nsnaps == 0 && mgr_streq(ch[0]->domain, im->domain)) {
         commit_ok = true;
         cost_commit = cp[0]->alloc;
         for (size_t i = 0; i < x->cat->ni; i++) {

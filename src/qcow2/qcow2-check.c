@@ -131,8 +131,9 @@ static int walk_l1(struct check *c, uint64_t l1_off, uint32_t l1_size, bool acti
                     c->res->corruptions++;
                 }
                 if (off >= c->file_size) {
-                    say(c, "ERROR compressed cluster at 0x%" PRIx64
-                           " is beyond the end of the image file",
+                    say(c,
+                        "ERROR compressed cluster at 0x%" PRIx64
+                        " is beyond the end of the image file",
                         off);
                     c->res->corruptions++;
                 }
@@ -171,8 +172,9 @@ static int walk_l1(struct check *c, uint64_t l1_off, uint32_t l1_size, bool acti
                 continue;
             }
             if (host >= c->file_size) {
-                say(c, "ERROR offset=%" PRIx64 ": data cluster is beyond the end of the image "
-                       "file",
+                say(c,
+                    "ERROR offset=%" PRIx64 ": data cluster is beyond the end of the image "
+                    "file",
                     host);
                 c->res->corruptions++;
             }

@@ -44,12 +44,15 @@ for f in "$top"/tests/fuzz/regressions/*; do
         continue
     fi
     n=$((n + 1))
-    if FUZZ_AVOID= timeout 120 "$bin" -runs=1 "$f" >"$tmp/$name.log" 2>&1; then
+    FUZZ_AVOID= timeout 120 "$bin" -runs=1 -error_exitcode=1 "$f" >"$tmp/$name.log" 2>&1
+    rc=$?
+    if [ "$rc" -eq 0 ]; then
         echo "ok: regression $name"
     else
-        echo "FAIL: regression $name (rc=$?):"
-        grep -E 'oracle violation|ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)|runtime error|^    #[0-9]+ ' \
-            "$tmp/$name.log" | grep -v 'in fuzzer::\|libc\|_start\|in main ' | head -12 | sed 's/^/    /'
+        echo "FAIL: regression $name (rc=$rc):"
+        # The finding, then the stack frames inside cowtree and the targets.
+        grep -E 'oracle violation|ERROR: (AddressSanitizer|LeakSanitizer)|runtime error|^    #[0-9]+ .*\.\./(src|fuzz)/' \
+            "$tmp/$name.log" | head -12 | sed 's/^/    /'
         fail=1
     fi
 done
@@ -62,8 +65,14 @@ export FUZZ_AVOID
 for t in "${targets[@]}"; do
     case "$t" in fuzz-open) ml=307200 ;; *) ml=2048 ;; esac
     mkdir -p "$tmp/corpus-$t" "$tmp/art-$t"
-    "$build/fuzz/$t" -max_total_time="$secs" -max_len="$ml" -timeout=60 -rss_limit_mb=4096 \
-        -artifact_prefix="$tmp/art-$t/" -print_final_stats=1 \
+    dict=()
+    [ -f "$top/fuzz/$t.dict" ] && dict=(-dict="$top/fuzz/$t.dict")
+    # CI sets COWTREE_FUZZ_RUNS: a fixed seed and number of runs make the result repeatable
+    # (a time budget explores a different amount on every machine).
+    budget=(-max_total_time="$secs")
+    [ -n "${COWTREE_FUZZ_RUNS:-}" ] && budget=(-runs="$COWTREE_FUZZ_RUNS" -seed="${COWTREE_FUZZ_SEED:-1}")
+    "$build/fuzz/$t" "${budget[@]}" -max_len="$ml" -timeout=60 -rss_limit_mb=4096 \
+        -artifact_prefix="$tmp/art-$t/" -print_final_stats=1 -error_exitcode=1 "${dict[@]}" \
         "$tmp/corpus-$t" "$top/tests/fuzz/corpus-${t#fuzz-}" >"$tmp/$t.log" 2>&1
     rc=$?
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$tmp/$t.log" | grep -o '[0-9]*$' | tail -1)
@@ -80,7 +89,7 @@ for t in "${targets[@]}"; do
         done
         fail=1
     else
-        echo "ok: $t ${secs}s, ${execs:-?} executions, ${cov:-cov: ?}"
+        echo "ok: $t ${budget[*]}, ${execs:-?} executions, ${cov:-cov: ?}"
     fi
 done
 exit $fail

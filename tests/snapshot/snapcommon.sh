@@ -3,14 +3,16 @@
 # Every image the tests touch has a model in $T/st/<basename>/: the qemu-io commands that made
 # its active state (cur.script) and its virtual size (cur.size), and the same for each snapshot
 # taken (snap.<name>.script / snap.<name>.size). Expected content is derived from the scripts by
-# tests/lib/diffrand.py's shadow model (`expect` mode: read -P commands covering every byte).
+# tests/lib/diffrand.py's shadow model (class Layer); snaplib.py `verify` does the checking.
 #
 # Non-fatal assertions go through `fail`, which counts; `finish` exits 1 if any failed, so one
 # wrong detail does not hide the rest of the run. Structural failures use `die`.
 
+# Sanitizer builds: a UBSan report must fail the command, not just print.
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
+
 SNAP_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SNAPLIB="python3 $SNAP_HERE/snaplib.py"
-DIFFRAND="$SNAP_HERE/../lib/diffrand.py"
 nfail=0
 step="start"
 
@@ -93,131 +95,18 @@ io() {
     for c in "$@"; do echo "$c" >>"$d/cur.script"; done
 }
 
-# expect_reads IMG KEY: read -P commands verifying the model state KEY (cur or snap.NAME)
-expect_reads() {
-    local d compat cl size
-    d=$(st "$1")
-    read -r compat cl <"$d/geom"
-    size=$(cat "$d/$2.size")
-    python3 "$DIFFRAND" expect --layer "fmt=qcow2,compat=$compat,cluster=$cl,size=$size,script=$d/$2.script"
-}
-
-# run_reads FMT FILE < reads: verify content with qemu-io -r (and cowtree-io -r with CT=1)
-run_reads() {
-    local fmt=$1 file=$2 tool=${3:-q} args=() line out rc
-    while IFS= read -r line; do [ -n "$line" ] && args+=(-c "$line"); done
-    set +e
-    if [ "$tool" = q ]; then
-        out=$(qemu-io -r -f "$fmt" "${args[@]}" "$file" 2>&1)
-    else
-        out=$("$CT_IO" -r -f "$fmt" "${args[@]}" "$file" 2>&1)
-    fi
-    rc=$?
-    set -e
-    if [ $rc -ne 0 ] || grep -qiE 'verification failed|error|failed' <<<"$out"; then
-        echo "$(grep -iE 'verification failed|error|failed' <<<"$out" | head -5)"
-        return 1
-    fi
-    return 0
-}
-
-# verify_active IMG: active state equals the model, read by qemu-io and by cowtree-io.
-verify_active() {
-    local img=$1 d reads msg vs
-    d=$(st "$img")
-    reads=$(expect_reads "$img" cur)
-    vs=$(qemu-img info -U --output=json "$img" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
-    [ "$vs" = "$(cat "$d/cur.size")" ] || fail "$img: virtual size $vs, expected $(cat "$d/cur.size")"
-    msg=$(run_reads qcow2 "$img" q <<<"$reads") || fail "$img: active state wrong (qemu-io): $msg"
-    msg=$(run_reads qcow2 "$img" c <<<"$reads") || fail "$img: active state wrong (cowtree-io): $msg"
-}
-
-# verify_snap IMG NAME: qemu-img convert -l of the snapshot equals the model (content and size).
-verify_snap() {
-    local img=$1 name=$2 d raw msg
-    d=$(st "$img")
-    raw=$T/snap.raw
-    rm -f "$raw"
-    if ! msg=$(qemu-img convert -f qcow2 -l "snapshot.name=$name" -O raw "$img" "$raw" 2>&1); then
-        fail "$img: qemu-img convert -l $name failed: $msg"
-        return
-    fi
-    local sz
-    sz=$(stat -c %s "$raw")
-    [ "$sz" = "$(cat "$d/snap.$name.size")" ] || fail "$img: snapshot $name has size $sz, expected $(cat "$d/snap.$name.size")"
-    msg=$(expect_reads "$img" "snap.$name" | run_reads raw "$raw" q) || fail "$img: snapshot '$name' content wrong: $msg"
-    rm -f "$raw"
-}
-
-model_snaps() {
-    local d f
-    d=$(st "$1")
-    for f in "$d"/snap.*.script; do
-        [ -e "$f" ] || continue
-        f=${f##*/snap.}
-        echo "${f%.script}"
-    done
-}
-
-# clean IMG: qemu-img check exits 0 and reports no leak/corruption; cowtree-img check agrees.
-clean() {
-    local img=$1 out rc
-    set +e
-    out=$(qemu-img check -f qcow2 --output=json "$img" 2>&1)
-    rc=$?
-    set -e
-    if [ $rc -ne 0 ]; then
-        fail "$img: qemu-img check rc=$rc: $(qemu-img check -f qcow2 "$img" 2>&1 | head -12)"
-        return
-    fi
-    python3 -c '
-import json, sys
-j = json.load(sys.stdin)
-bad = {k: j.get(k, 0) for k in ("leaks", "corruptions", "check-errors")}
-sys.exit(1 if any(bad.values()) else 0)' <<<"$out" || fail "$img: qemu-img check reports problems: $out"
-    set +e
-    out=$("$CT_IMG" check -f qcow2 "$img" 2>&1)
-    rc=$?
-    set -e
-    [ $rc -eq 0 ] || fail "$img: cowtree-img check rc=$rc on an image qemu-img finds clean: $(head -5 <<<"$out")"
-}
-
-# lists IMG: cowtree's snapshot listings (snapshot -l human/json, info json/human) equal
-# qemu-img's, and the names are those of the model.
-lists() {
-    local img=$1 q c
-    qemu-img info -U --output=json "$img" >"$T/q.json" || die "qemu-img info $img"
-    "$CT_IMG" snapshot -l --output=json "$img" >"$T/c.json" || { fail "$img: cowtree-img snapshot -l --output=json failed"; return; }
-    "$CT_IMG" info --output=json "$img" >"$T/ci.json" || { fail "$img: cowtree-img info --output=json failed"; return; }
-    local msg
-    msg=$($SNAPLIB listings-equal "$T/q.json" "$T/c.json" "$T/ci.json") || fail "$img: $msg"
-    q=$(qemu-img snapshot -l "$img")
-    c=$("$CT_IMG" snapshot -l "$img")
-    [ "$q" = "$c" ] || fail_once human-list "$img: 'snapshot -l' human listing differs from qemu-img's:
---- qemu-img
-$q
---- cowtree-img
-$c"
-    q=$(qemu-img info -U "$img" | sed -n '/^Snapshot list:/,/^Format specific/p')
-    c=$("$CT_IMG" info "$img" | sed -n '/^Snapshot list:/,/^Format specific/p')
-    [ "$q" = "$c" ] || fail_once human-info "$img: 'info' snapshot section differs from qemu-img's:
---- qemu-img info
-$q
---- cowtree-img info
-$c"
-    local want got
-    want=$(model_snaps "$img" | sort)
-    got=$(python3 -c 'import json,sys; [print(s["name"]) for s in json.load(sys.stdin)]' <"$T/c.json" | sort)
-    [ "$want" = "$got" ] || fail "$img: snapshots listed: [$got], expected [$want]"
-}
-
-# everything IMG: clean, listings, active state and every snapshot as modelled.
+# everything IMG: (snaplib.py verify)
+#   - qemu-img check exits 0 with no leak/corruption, and cowtree-img check exits 0 too;
+#   - cowtree's snapshot listings (snapshot -l --output=json, info --output=json, the human
+#     snapshot -l and info sections) equal qemu-img's, and name the model's snapshots;
+#   - the active state reads back as modelled with qemu-io -r and cowtree-io -r (read -P over
+#     every byte) and has the modelled virtual size;
+#   - every snapshot, extracted by qemu-img convert -l snapshot.name=N -O raw, has the
+#     modelled size and bytes.
 everything() {
-    local img=$1 s
-    clean "$img"
-    lists "$img"
-    verify_active "$img"
-    for s in $(model_snaps "$img"); do verify_snap "$img" "$s"; done
+    local n=0
+    SNAP_STEP=$step $SNAPLIB verify "$1" "$(st "$1")" "$T/failed-kinds" "$T" || n=$?
+    nfail=$((nfail + n))
 }
 
 # snap TOOL OP IMG NAME: snapshot -c/-a/-d with qemu-img (q) or cowtree-img (c); updates the model.
@@ -249,3 +138,22 @@ resize() {
 }
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+# refused IMG REGEX CMD...: the cowtree command must fail (non-zero, message on stderr) and leave $img
+# byte-for-byte unchanged and clean. $1 is a regex the message must match.
+refused() {
+    local img=$1 re=$2 before after out rc
+    shift 2
+    before=$(sha "$img")
+    set +e
+    out=$("$@" 2>&1)
+    rc=$?
+    set -e
+    after=$(sha "$img")
+    [ $rc -ne 0 ] || fail "$img: '$*' succeeded, must be refused"
+    [ $rc -lt 128 ] || fail "$img: '$*' died with signal $((rc - 128))"
+    ! grep -qE 'Sanitizer|runtime error' <<<"$out" || fail "$img: '$*' sanitizer report: $out"
+    grep -qiE "$re" <<<"$out" || fail "$img: '$*' message does not match /$re/: $out"
+    [ "$before" = "$after" ] || fail "$img: refused '$*' changed the image file"
+}
+
