@@ -106,6 +106,7 @@ int qcow2_read_snapshots(struct qcow2_state *q, struct ct_err *err)
         }
         off += ct_align_up(len, 8);
     }
+    q->snapshots_bytes = off - q->snapshots_offset;
     return 0;
 }
 
@@ -205,10 +206,12 @@ static int write_table(struct qcow2_state *q, struct qcow2_snapshot *snaps, uint
         }
     }
     uint64_t old_off = q->snapshots_offset;
-    uint64_t old_len = table_size(q->snapshots, q->nb_snapshots);
+    uint64_t old_len = q->snapshots_bytes; /* as on disk: older tables have shorter entries */
     uint32_t old_n = q->nb_snapshots;
     q->nb_snapshots = n;
     q->snapshots_offset = off;
+    uint64_t old_bytes = q->snapshots_bytes;
+    q->snapshots_bytes = len;
     r = qcow2_write_header_fields(q, QH_NB_SNAPSHOTS, 12);
     if (r == 0) {
         r = qcow2_barrier(q);
@@ -216,6 +219,7 @@ static int write_table(struct qcow2_state *q, struct qcow2_snapshot *snaps, uint
     if (r < 0) {
         q->nb_snapshots = old_n;
         q->snapshots_offset = old_off;
+        q->snapshots_bytes = old_bytes;
         return image_poison(q->img, r);
     }
     return old_n ? qcow2_free_later(q, old_off, old_len) : 0;
@@ -244,9 +248,82 @@ static int load_l1(struct qcow2_state *q, uint64_t off, uint32_t size, uint64_t 
  * and data cluster an L1 table reaches. With check_only, verify that +1 would not overflow.
  * clear_copied: clear COPIED in the L2 entries (they become shared).
  */
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Would adding one reference per mention overflow any refcount? A cluster may be mentioned
+ * several times (compressed clusters share host clusters), so mentions are counted. */
+static int check_room(struct qcow2_state *q, const uint64_t *l1, uint32_t l1_size)
+{
+    size_t n = 0, cap = 1024;
+    uint64_t *v = malloc(cap * sizeof(*v));
+    int r = v ? 0 : -ENOMEM;
+    for (uint32_t i = 0; r == 0 && i < l1_size; i++) {
+        uint64_t l2off = l1[i] & QCOW2_L1E_OFFSET_MASK;
+        if (!l2off) {
+            continue;
+        }
+        struct qcow2_cache_entry *e = NULL;
+        r = qcow2_cache_get(&q->l2_cache, l2off, false, &e);
+        if (r < 0) {
+            break;
+        }
+        for (uint64_t j = 0; r == 0 && j <= q->l2_entries; j++) {
+            uint64_t off = l2off, len = q->cluster_size;
+            if (j < q->l2_entries) {
+                uint64_t l2e = ld_be64(e->table + j * q->l2_entry_bytes);
+                len = 0;
+                if (l2e & QCOW2_OFLAG_COMPRESSED) {
+                    qcow2_compressed_range(q, l2e, &off, &len);
+                } else if (l2e & QCOW2_L2E_OFFSET_MASK) {
+                    off = l2e & QCOW2_L2E_OFFSET_MASK;
+                    len = q->cluster_size;
+                }
+            }
+            for (uint64_t c = off >> q->cluster_bits;
+                 len && c <= (off + len - 1) >> q->cluster_bits; c++) {
+                if (n == cap) {
+                    uint64_t *nv = realloc(v, cap * 2 * sizeof(*v));
+                    if (!nv) {
+                        r = -ENOMEM;
+                        break;
+                    }
+                    v = nv;
+                    cap *= 2;
+                }
+                v[n++] = c;
+            }
+        }
+        qcow2_cache_put(&q->l2_cache, e);
+    }
+    if (r == 0) {
+        qsort(v, n, sizeof(*v), cmp_u64);
+        for (size_t i = 0; r == 0 && i < n;) {
+            size_t k = i;
+            while (k < n && v[k] == v[i]) {
+                k++;
+            }
+            uint64_t rc;
+            r = qcow2_refcount_get(q, v[i], &rc);
+            if (r == 0 && rc + (k - i) > q->refcount_max) {
+                r = -ERANGE;
+            }
+            i = k;
+        }
+    }
+    free(v);
+    return r;
+}
+
 static int adjust_refs(struct qcow2_state *q, const uint64_t *l1, uint32_t l1_size, int delta,
                        bool check_only, bool clear_copied)
 {
+    if (check_only) {
+        return check_room(q, l1, l1_size);
+    }
     for (uint32_t i = 0; i < l1_size; i++) {
         uint64_t l2off = l1[i] & QCOW2_L1E_OFFSET_MASK;
         if (!l2off) {

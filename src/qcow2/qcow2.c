@@ -389,6 +389,10 @@ int qcow2_grow_l1(struct qcow2_state *q, uint32_t min_size)
 static int qcow2_truncate(struct ct_image *img, uint64_t size, bool shrink, struct ct_err *err)
 {
     struct qcow2_state *q = qstate(img);
+    if (q->nb_snapshots && q->version < 3) {
+        /* v2 snapshot entries have no disk size: QEMU could not apply them afterwards. */
+        return ct_err_set(err, -CT_E_UNSUPPORTED, "Can't resize a v2 image which has snapshots");
+    }
     if (q->nb_snapshots && size < img->size) {
         return ct_err_set(err, -CT_E_UNSUPPORTED, "Can't shrink an image with internal snapshots");
     }

@@ -152,6 +152,7 @@ struct qcow2_state {
 
     uint32_t nb_snapshots;
     uint64_t snapshots_offset;
+    uint64_t snapshots_bytes; /* the table's size on disk (entries as they were written) */
     struct qcow2_snapshot *snapshots;
 
     struct qcow2_ext *exts; /* unknown extensions, preserved in order */

@@ -24,6 +24,7 @@
 #      two); after a delete it works;
 #   RC refcount_bits=4 with 8 compressed clusters in one host cluster: a snapshot needs
 #      refcount 16 there and must be refused cleanly (image unchanged), not fail half-way;
+#      likewise an apply that would need 18;
 #   R1 refcount_bits=1: snapshot creation refused, image unchanged;
 #   V  VM state of 1 byte, 64k+1, 3 MiB: --dump-vmstate returns the same bytes (after more
 #      snapshots, after apply), qemu-img shows the VM SIZE, the VM state is invisible to the
@@ -298,6 +299,14 @@ section_RC() {
     snap c -c "$img" s
     everything "$img"
     snap q -a "$img" s
+    everything "$img"
+    img=$T/RC2.qcow2
+    at "RC: 6 packed compressed clusters, one snapshot (refcount 12): apply would need 18, refused cleanly"
+    mk c "$img" 1M "compat=1.1,cluster_size=4096,refcount_bits=4"
+    io c "$img" "write -c -P 0x43 0 24576"
+    snap c -c "$img" s
+    everything "$img"
+    refused "$img" 'refcount' "$CT_IMG" snapshot -a s "$img"
     everything "$img"
 }
 
