@@ -29,13 +29,12 @@
 #define MAX_CHUNK        (64u << 10)
 
 /* FUZZ_AVOID names (see fuzz-common.h):
- *   check-compressed-past-eof  the check does not report a compressed cluster lying past the
- *                   end of the file, which the data path refuses: ignore that message
  *   partial-last-cluster  the data path refuses to read the part of a data cluster that lies
  *                   past the end of a file ending inside that cluster (QEMU reads zeros):
  *                   ignore "out of range" for offsets inside the file's last cluster
- * (Retired: check-past-eof, fixed; its input stays in tests/fuzz/regressions/.) */
-static bool avoid_check_compressed_past_eof, avoid_partial_last_cluster;
+ * (Retired: check-past-eof, check-compressed-past-eof, fixed; their inputs are in
+ * tests/fuzz/regressions/.) */
+static bool avoid_partial_last_cluster;
 
 /* "data cluster offset 0x... is out of range" inside the cluster holding the end of file? */
 static bool in_last_cluster(const char *msgs, uint64_t file_size, uint64_t cs)
@@ -53,7 +52,6 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argc;
     (void)argv;
     fz_verbose = getenv("FUZZ_VERBOSE") != NULL;
-    avoid_check_compressed_past_eof = fz_avoid("check-compressed-past-eof");
     avoid_partial_last_cluster = fz_avoid("partial-last-cluster");
     return 0;
 }
@@ -244,8 +242,7 @@ static void read_phase(struct ct_image *img, uint64_t file_size)
     }
     /* A clean check, then the data path calls the image corrupt because something lies past
      * the end of the file: the check missed it (qemu-img check reports such references). */
-    if (clean && !(avoid_check_compressed_past_eof && strstr(msgs, "compressed cluster")) &&
-        !(avoid_partial_last_cluster && in_last_cluster(msgs, file_size, cs)) &&
+    if (clean && !(avoid_partial_last_cluster && in_last_cluster(msgs, file_size, cs)) &&
         (strstr(msgs, "past the end of the file") || strstr(msgs, "out of range"))) {
         fz_die("the check finds no corruption (%llu leaks) but the data path refuses the "
                "image: %s",

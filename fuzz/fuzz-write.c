@@ -107,32 +107,19 @@ static const char *const ext_names[8] = {
     "snapshot-delete",  "snapshot-diff",          "compact",         "amend/make-empty"};
 
 /* FUZZ_AVOID names (see fuzz-common.h): known bugs the decoding can steer around.
- *   compressed-narrow-refcount  compressed writes with refcounts narrower than 16 bits (the
- *                      byte allocator packs more compressed clusters into a host cluster
- *                      than its refcount can count: -ERANGE; QEMU starts a new cluster)
- *   compressed-stale-alloc  the compressed-data byte allocator keeps writing into the host
- *                      cluster it last used even after that cluster was freed and reused
- *                      (for guest data or an L2 table): reopen before each compressed write
- *                      that follows another kind of operation, which resets the allocator
  *   compact-partial-end  compaction truncates the file at the last whole cluster in use, cutting
  *                      off compressed data in a last cluster that the file ends inside: no
- *                      compaction after a reopen when compressed writes were made
- *   compact-fault-leak  a compaction that fails on an I/O error leaks the cluster it had
- *                      allocated for the move, in an image then closed clean: tolerate leaks
- *                      after a failed compaction
+ *                      compaction once compressed writes were made
  * (Fixed, names retired: v2-backing, prealloc-metadata, v3-512-backing, grow-backing,
- * fault-leak, prealloc-backing; their inputs stay in tests/fuzz/regressions/.) */
-static bool avoid_compressed_narrow, avoid_compact_fault_leak, avoid_compressed_stale,
-    avoid_compact_partial_end;
+ * fault-leak, prealloc-backing, compressed-narrow-refcount, compressed-stale-alloc,
+ * compact-fault-leak; their inputs are in tests/fuzz/regressions/.) */
+static bool avoid_compact_partial_end;
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc;
     (void)argv;
     fz_verbose = getenv("FUZZ_VERBOSE") != NULL;
-    avoid_compressed_narrow = fz_avoid("compressed-narrow-refcount");
-    avoid_compact_fault_leak = fz_avoid("compact-fault-leak");
-    avoid_compressed_stale = fz_avoid("compressed-stale-alloc");
     avoid_compact_partial_end = fz_avoid("compact-partial-end");
     /* Count I/O calls from the start so "fault" can name the k-th next one. */
     ct_fault_configure("count");
@@ -972,10 +959,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     unsigned nsnaps = 0, snapseq = 0;
     uint32_t seq = 0;
     static uint8_t wbuf[MAX_WRITE];
-    bool prev_compressed = false, this_compressed = false, any_compressed = false;
+    bool any_compressed = false;
     for (unsigned nops = 0; in.n && nops < MAX_OPS; nops++) {
-        prev_compressed = this_compressed;
-        this_compressed = false;
         uint8_t op = rd8(&in);
         unsigned kind = op & 15, om = op >> 4 & 3, lm = op >> 6;
         uint64_t off = 0, len = 0;
@@ -1135,23 +1120,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             name = ext_names[what];
             if (what <= 1) {
                 uint64_t ncl = (m.size + m.cs - 1) / m.cs;
-                if (!ncl || (avoid_compressed_narrow && m.rbits < 16)) {
+                if (!ncl) {
                     continue;
                 }
                 off = (v % ncl) * m.cs;
                 len = m.size - off < m.cs ? m.size - off : m.cs;
                 if (m.written + len > MAX_WRITTEN) {
                     continue;
-                }
-                if (avoid_compressed_stale && !prev_compressed) {
-                    if (armed) {
-                        continue;
-                    }
-                    if (ct_image_close(img, &err) < 0) {
-                        fz_die("close before a compressed write failed: %s", err.msg);
-                    }
-                    m_clean(&m);
-                    img = open_img(path, open_flags, cache, true, "reopen");
                 }
                 m.written += len;
                 uint32_t seed = ++seq;
@@ -1160,7 +1135,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 }
                 m_dirty(&m, off, len);
                 r = ct_image_pwrite_compressed(img, wbuf, len, off);
-                this_compressed = any_compressed = true;
+                any_compressed = true;
                 m_write_buf(&m, off, wbuf, len);
             } else if (what == 2) {
                 if (nsnaps == MAX_SNAPS) {
@@ -1247,9 +1222,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 struct ct_compact_result cr = {0};
                 r = ct_image_compact(img, &cr, &err);
                 len = cr.clusters_moved; /* (file_size_before predates the metadata flush) */
-                if (r < 0 && armed && avoid_compact_fault_leak) {
-                    m.allow_leaks = true;
-                }
             } else {
                 unsigned sel = sub >> 3 & 3;
                 if (sel == 3) {

@@ -200,12 +200,15 @@ int qcow2_get_status(struct qcow2_state *q, uint64_t off, uint64_t len, struct q
         uint64_t next = ct_align_down(pos, unit_len) + unit_len;
         uint64_t in_unit = CT_MIN(next, end) - pos;
         if (kind == QK_DATA) {
-            host += pos & (unit - 1);
-            if (host >= file_end(q)) {
+            /* The cluster must start inside the file; the file may end inside it (reads past
+             * the end return zeros, as with QEMU). */
+            uint64_t cstart = host & ~(q->cluster_size - 1);
+            if (cstart >= file_end(q)) {
                 r = qcow2_corrupt(q, "data cluster offset 0x%llx is out of range",
-                                  (unsigned long long)host);
+                                  (unsigned long long)cstart);
                 break;
             }
+            host += pos & (unit - 1);
         }
         if (first) {
             st->kind = kind;

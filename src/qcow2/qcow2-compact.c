@@ -95,7 +95,8 @@ static int collect(struct qcow2_state *q, struct owner **out, size_t *n_out)
 /* Highest cluster with a non-zero refcount, +1. */
 static int used_end(struct qcow2_state *q, uint64_t *end)
 {
-    uint64_t c = q->host_end >> q->cluster_bits;
+    /* A file may end inside its last cluster (compressed data, short writes): count it. */
+    uint64_t c = ct_div_round_up(q->host_end, q->cluster_size);
     while (c > 1) {
         uint64_t rc;
         int r = qcow2_refcount_get(q, c - 1, &rc);
