@@ -90,7 +90,12 @@ class Case:
         self.vmstate = {}  # name -> file with the VM state saved in the cowtree image
         self.next_name = 0
         self.log = []
-        self.compressed = True
+        # Compressed clusters packed into shared host clusters reach a narrow refcount's maximum
+        # at points that depend on each tool's packing, so the differential comparison of
+        # snapshot create/apply is only meaningful with them at 8 bits and more; the narrow
+        # widths run without compressed clusters (their limits are tested in
+        # test-snapshot-interop.sh).
+        self.compressed = "refcount_bits=4" not in self.opts
 
     def note(self, s):
         self.log.append(s)
@@ -193,6 +198,18 @@ class Case:
         if rc2 != 0:
             raise Failure("qemu-img snapshot %s %s failed on the twin, cowtree-img did it: %s"
                           % (op, name, out2))
+        if rc1 != 0 and op == "-c" and "would exceed the maximum" in out1:
+            # How densely compressed clusters share host clusters is each implementation's
+            # own choice, so with narrow refcounts the two tools reach the refcount maximum
+            # at different snapshots. A clean refusal (image unchanged) is accepted; the twin
+            # drops the snapshot QEMU made so both stay comparable.
+            if sha256(self.ct) != before:
+                raise Failure("cowtree-img snapshot -c %s was refused (%s) but changed the image"
+                              % (name, out1.strip()))
+            self.note("  refused by cowtree at the refcount limit: %s" % out1.strip())
+            run(["qemu-img", "snapshot", "-d", name, self.q])
+            run(["qemu-img", "check", "-q", "-r", "leaks", self.q], check=False)
+            return False
         if rc1 != 0:
             raise Failure("cowtree-img snapshot %s %s failed (rc=%d): %s" % (op, name, rc1, out1))
         return True
