@@ -92,6 +92,9 @@ void fz_report_cb(void *opaque, const char *line)
     if (strncmp(line, "ERROR", 5) == 0) {
         r->errors++;
         const char *e = strstr(line, "entry=");
+        if (strncmp(line, "ERROR OFLAG_COPIED", 18) == 0) {
+            r->copied++;
+        }
         if (strncmp(line, "ERROR OFLAG_COPIED", 18) == 0 && e) {
             char *end;
             unsigned long long entry = strtoull(e + 6, &end, 16);

@@ -43,6 +43,7 @@ struct fz_report {
      * cluster inside a compressed cluster's range) once one of the referrers goes away; QEMU
      * behaves the same. The opposite direction (COPIED on a shared cluster) is never benign. */
     unsigned errors, benign;
+    unsigned copied; /* all "ERROR OFLAG_COPIED" findings */
 };
 void fz_report_cb(void *opaque, const char *line);
 

@@ -373,7 +373,7 @@ def main():
     for seed in seeds:
         d = tempfile.mkdtemp(prefix="snaprand-%d-" % seed, dir=os.environ.get("TMPDIR"))
         c = Case(seed, a.steps, a.every, d, a.verbose)
-        c.compressed = not a.no_compressed_setup
+        c.compressed = c.compressed and not a.no_compressed_setup
         print("seed %d: %s, %d bytes, %d steps" % (seed, c.gname, c.size, a.steps), flush=True)
         try:
             c.run()
