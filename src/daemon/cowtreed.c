@@ -4,7 +4,14 @@
  *   cowtreed [--socket QMP_PATH] [--nbd-unix PATH] [--nbd-tcp 127.0.0.1:PORT]
  *            [--blockdev node-name=N,file=PATH[,driver=qcow2|raw][,read-only=on]]...
  *            [--export type=nbd,node-name=N[,name=NAME][,writable=on]]...
- *            [--pidfile PATH] [--foreground]
+ *            [--pidfile PATH] [--home DIR [--foreground]]
+ *
+ * --home DIR is the managed mode `cowtree start` uses: the QMP socket is DIR/qmp.sock, NBD
+ * listens on DIR/nbd.sock, the pid file is DIR/cowtreed.pid (each unless given explicitly),
+ * DIR/cowtreed.lock is held for the daemon's life so that a second daemon on the same home is
+ * refused, and, unless --foreground is given, the daemon detaches once its sockets listen
+ * (the command returns only then, with 0, or 1 and the error). Without --home it stays in the
+ * foreground.
  *
  * Sockets are created with mode 0600; TCP binds loopback unless an address is given. Each
  * connection gets a thread. SIGINT/SIGTERM or QMP quit stop the daemon cleanly: images are
@@ -22,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -124,6 +132,96 @@ static void *conn_thread(void *p)
     return NULL;
 }
 
+/* Take DIR/cowtreed.lock or explain who holds it. Returns the lock's fd or -1. */
+static int lock_home(const char *home)
+{
+    char path[4096];
+    if (mkdir(home, 0700) < 0 && errno != EEXIST) {
+        cli_error("%s: cannot create the home directory: %s", home, strerror(errno));
+        return -1;
+    }
+    snprintf(path, sizeof(path), "%s/cowtreed.lock", home);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        cli_error("%s: %s", path, strerror(errno));
+        return -1;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        int e = errno;
+        char pid[32] = "?";
+        snprintf(path, sizeof(path), "%s/cowtreed.pid", home);
+        FILE *f = fopen(path, "r");
+        if (f) {
+            if (!fgets(pid, sizeof(pid), f)) {
+                strcpy(pid, "?");
+            }
+            pid[strcspn(pid, "\n")] = '\0';
+            fclose(f);
+        }
+        if (e == EWOULDBLOCK) {
+            cli_error("another cowtreed is already running on %s (pid %s)", home, pid);
+        } else {
+            cli_error("%s/cowtreed.lock: %s", home, strerror(e));
+        }
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Detach: the parent waits until the child reports readiness (a byte on the pipe) or dies
+ * (EOF), so `cowtreed --home DIR` returns once the daemon serves, or fails with its error. */
+static int daemonize(int *ready_fd)
+{
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0) {
+        cli_error("pipe: %s", strerror(errno));
+        return -1;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        cli_error("fork: %s", strerror(errno));
+        return -1;
+    }
+    if (pid > 0) {
+        close(p[1]);
+        char c;
+        ssize_t n;
+        do {
+            n = read(p[0], &c, 1);
+        } while (n < 0 && errno == EINTR);
+        _exit(n == 1 ? 0 : 1);
+    }
+    close(p[0]);
+    setsid();
+    *ready_fd = p[1];
+    return 0;
+}
+
+/* Readiness reached: release the waiting parent and stop writing to its terminal. */
+static void daemon_ready(int ready_fd, const char *home)
+{
+    if (ready_fd < 0) {
+        return;
+    }
+    char log[4096];
+    snprintf(log, sizeof(log), "%s/cowtreed.log", home);
+    int nul = open("/dev/null", O_RDWR | O_CLOEXEC);
+    int lfd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (nul >= 0) {
+        dup2(nul, STDIN_FILENO);
+        dup2(nul, STDOUT_FILENO);
+        close(nul);
+    }
+    if (lfd >= 0) {
+        dup2(lfd, STDERR_FILENO);
+        close(lfd);
+    }
+    ssize_t w = write(ready_fd, "r", 1);
+    (void)w;
+    close(ready_fd);
+}
+
 /* key=value,key=value → lookup */
 static const char *kv_get(char *const *keys, char *const *vals, int n, const char *key)
 {
@@ -157,8 +255,11 @@ int main(int argc, char **argv)
     cli_prog = "cowtreed";
     cli_setup_faults();
     const char *qmp_path = NULL, *nbd_unix = NULL, *nbd_tcp = NULL, *pidfile = NULL;
+    const char *home = NULL;
+    bool foreground = false;
     char *blockdevs[64], *exports_spec[64];
-    int nb = 0, ne = 0, c;
+    char home_qmp[4096], home_nbd[4096], home_pid[4096];
+    int nb = 0, ne = 0, c, ready_fd = -1;
     static const struct option lo[] = {{"socket", required_argument, NULL, 's'},
                                        {"nbd-unix", required_argument, NULL, 'u'},
                                        {"nbd-tcp", required_argument, NULL, 't'},
@@ -183,7 +284,10 @@ int main(int argc, char **argv)
             pidfile = optarg;
             break;
         case 'f':
+            foreground = true;
+            break;
         case 'H':
+            home = optarg;
             break;
         case 'b':
             if (nb == 64) {
@@ -201,8 +305,31 @@ int main(int argc, char **argv)
             break;
         default:
             cli_error("usage: cowtreed [--socket QMP] [--nbd-unix PATH] [--nbd-tcp ADDR:PORT] "
-                      "[--blockdev ...] [--export ...] [--pidfile PATH]");
+                      "[--blockdev ...] [--export ...] [--pidfile PATH] "
+                      "[--home DIR [--foreground]]");
             return 1;
+        }
+    }
+    if (optind < argc) {
+        cli_error("unexpected argument '%s'", argv[optind]);
+        return 1;
+    }
+    if (home) {
+        if (strlen(home) > 3000) {
+            cli_error("--home: path too long");
+            return 1;
+        }
+        snprintf(home_qmp, sizeof(home_qmp), "%s/qmp.sock", home);
+        snprintf(home_nbd, sizeof(home_nbd), "%s/nbd.sock", home);
+        snprintf(home_pid, sizeof(home_pid), "%s/cowtreed.pid", home);
+        qmp_path = qmp_path ? qmp_path : home_qmp;
+        nbd_unix = nbd_unix ? nbd_unix : home_nbd;
+        pidfile = pidfile ? pidfile : home_pid;
+        if (!foreground && daemonize(&ready_fd) < 0) {
+            return 1;
+        }
+        if (lock_home(home) < 0) {
+            return 1; /* the lock fd stays open (and locked) for the daemon's life */
         }
     }
     signal(SIGPIPE, SIG_IGN);
@@ -265,8 +392,11 @@ int main(int argc, char **argv)
     signal(SIGTERM, on_signal);
     if (pidfile) {
         /* Written once every socket listens, so waiting for it is a readiness signal. */
-        char tmp[4096];
-        snprintf(tmp, sizeof(tmp), "%s.tmp", pidfile);
+        char tmp[4200];
+        if (snprintf(tmp, sizeof(tmp), "%s.tmp", pidfile) >= (int)sizeof(tmp)) {
+            cli_error("%s: path too long", pidfile);
+            return 1;
+        }
         FILE *f = fopen(tmp, "w");
         if (!f || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0 ||
             rename(tmp, pidfile) < 0) {
@@ -274,6 +404,7 @@ int main(int argc, char **argv)
             return 1;
         }
     }
+    daemon_ready(ready_fd, home);
     while (!quit_flag) {
         struct pollfd p[4];
         int np = 0, map[4];

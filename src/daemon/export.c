@@ -32,6 +32,9 @@ static int ex_pwrite(void *opaque, const void *buf, uint32_t len, uint64_t off, 
     struct node *n = opaque;
     pthread_mutex_lock(&n->lock);
     int r = ct_image_pwrite(n->img, buf, len, off, fua ? CT_WRITE_FUA : 0);
+    if (r == 0) {
+        node_note_write(n, off, len);
+    }
     pthread_mutex_unlock(&n->lock);
     return r;
 }
@@ -50,6 +53,9 @@ static int ex_trim(void *opaque, uint32_t len, uint64_t off, bool fua)
     struct node *n = opaque;
     pthread_mutex_lock(&n->lock);
     int r = ct_image_discard(n->img, len, off);
+    if (r == 0) {
+        node_note_write(n, off, len);
+    }
     if (r == 0 && fua) {
         r = ct_image_flush(n->img);
     }
@@ -63,6 +69,9 @@ static int ex_zero(void *opaque, uint32_t len, uint64_t off, bool may_trim, bool
     pthread_mutex_lock(&n->lock);
     int r = ct_image_pwrite_zeroes(n->img, len, off,
                                    (may_trim ? CT_WRITE_UNMAP : 0) | (fua ? CT_WRITE_FUA : 0));
+    if (r == 0) {
+        node_note_write(n, off, len);
+    }
     pthread_mutex_unlock(&n->lock);
     return r;
 }

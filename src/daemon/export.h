@@ -21,8 +21,20 @@ struct node {
     bool writable;
     struct nbd_export exp; /* exp.name = export name, NULL when not exported */
     int users;             /* connections using the export */
+    /* Called under `lock` after every successful guest write, zero write or trim (a mirror
+     * job marks the range dirty); NULL when no job watches the node. */
+    void (*write_hook)(void *opaque, uint64_t off, uint64_t len);
+    void *write_hook_opaque;
     struct node *next;
 };
+
+/* Tell a watching job that [off, off+len) changed; caller holds n->lock. */
+static inline void node_note_write(struct node *n, uint64_t off, uint64_t len)
+{
+    if (n->write_hook) {
+        n->write_hook(n->write_hook_opaque, off, len);
+    }
+}
 
 struct node_table {
     pthread_mutex_t lock; /* protects the list and `users` */
