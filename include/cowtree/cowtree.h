@@ -100,6 +100,13 @@ int ct_image_pwrite(struct ct_image *img, const void *buf, uint64_t len, uint64_
  * less for the last cluster of an image whose size is not cluster-aligned). Data that does
  * not compress is stored uncompressed, as QEMU does. */
 int ct_image_pwrite_compressed(struct ct_image *img, const void *buf, uint64_t len, uint64_t off);
+/* Copy [src_off, src_off+len) of src to dst_off of dst without passing the bytes through
+ * user space (copy_file_range; convert -C). Only between two raw images on POSIX files: else
+ * -EOPNOTSUPP, and any other -errno the kernel gives (-EXDEV, -EINVAL, ...) also means "copy
+ * the bytes yourself". Raw images only, so it is safe to call on one target handle from
+ * several threads. */
+int ct_image_copy_range(struct ct_image *src, uint64_t src_off, struct ct_image *dst,
+                        uint64_t dst_off, uint64_t len);
 /* Cluster size of a qcow2 image (0 for raw): the unit of pwrite_compressed. */
 uint64_t ct_image_cluster_size(const struct ct_image *img);
 int ct_image_pwrite_zeroes(struct ct_image *img, uint64_t len, uint64_t off, unsigned flags);

@@ -176,6 +176,14 @@ struct ct_copy_opts {
     bool dst_is_zero;
     uint64_t min_sparse;
     bool compress; /* store data clusters compressed (qcow2 targets; convert -c) */
+    /* Parallel copy (convert -m N): nb_workers threads, worker w reading source i through
+     * worker_srcs[w * nb_srcs + i] (separately opened read-only handles of the same images:
+     * an image handle is not thread-safe). NULL or nb_workers < 2: one request at a time.
+     * Not used with compress or a backing file on dst (those stay sequential). */
+    unsigned nb_workers;
+    struct ct_image *const *worker_srcs;
+    bool out_of_order; /* qcow2 target: write chunks as they complete (convert -W) */
+    bool copy_offload; /* raw to raw: copy_file_range, no zero detection in data (convert -C) */
 };
 int ct_job_copy_create(struct ct_job **out, const struct ct_copy_opts *o,
                        const struct ct_job_opts *jo, struct ct_err *err);

@@ -11,9 +11,16 @@
  * everything) inside data are not written. -B makes DST an overlay of BACKING holding only what
  * differs from it (compared by content where BACKING is not the source's own backing file).
  * -n writes into an existing DST (whose zeros must then be written, unless --target-is-zero);
- * without -O its format is probed rather than taken as raw. -W and -m are accepted: requests are
- * issued in order, one at a time. -c stores data clusters compressed (zlib or zstd, per the
- * target's compression_type), qcow2 targets only.
+ * without -O its format is probed rather than taken as raw. -c stores data clusters compressed
+ * (zlib or zstd, per the target's compression_type), qcow2 targets only.
+ *
+ * -m N (1..16, default 8 as qemu-img) copies with N threads, each reading through its own
+ * read-only handles of the sources (opened here: an image handle is not thread-safe; several
+ * read-only opens of one file take compatible locks). A raw target is written by the threads
+ * directly; a qcow2 target by one writer in guest order, or as chunks complete with -W
+ * (src/job/copy.c, "Parallel copy"). -c and -B copy one request at a time. -C (copy
+ * offloading) copies raw-to-raw data with copy_file_range and never looks for zeros inside
+ * data; it is refused with -c and with -S, as qemu-img does.
  */
 #include <getopt.h>
 #include <stdio.h>
@@ -28,7 +35,7 @@
 
 #define USAGE                                                                                      \
     "usage: convert [-f FMT] [-O FMT] [-B BACKING -F FMT] [-o OPTS] [-p] [-q] [-n] [-S SIZE] "     \
-    "[-l SNAPSHOT_PARAM] [--target-is-zero] SRC... DST"
+    "[-W] [-m N] [-C] [-l SNAPSHOT_PARAM] [--target-is-zero] SRC... DST"
 
 enum { OPT_TARGET_IS_ZERO = 256, OPT_OBJECT, OPT_UNSUPPORTED };
 
@@ -39,7 +46,8 @@ int img_convert(int argc, char **argv)
     bool progress = false, quiet = false, no_create = false, target_zero = false,
          force_share = false;
     uint64_t min_sparse = 4096, rate = 0;
-    bool compress = false;
+    bool compress = false, out_of_order = false, copy_offload = false, sparse_given = false;
+    unsigned nb_workers = 8;
     static const struct option lo[] = {
         {"help", no_argument, NULL, 'h'},
         {"target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO},
@@ -76,9 +84,11 @@ int img_convert(int argc, char **argv)
             no_create = true;
             break;
         case 'W':
+            out_of_order = true;
             break;
         case 'C':
-            break; /* copy offloading: plain copies are used */
+            copy_offload = true;
+            break;
         case 't':
         case 'T':
             break; /* cache modes */
@@ -117,6 +127,7 @@ int img_convert(int argc, char **argv)
                           "multiples of 512 up to 16777216.");
                 goto out;
             }
+            sparse_given = true;
             break;
         case 'm': {
             char *end;
@@ -126,6 +137,7 @@ int img_convert(int argc, char **argv)
                           "1 and 16");
                 goto out;
             }
+            nb_workers = (unsigned)m;
             break;
         }
         case 'r':
@@ -156,6 +168,14 @@ int img_convert(int argc, char **argv)
     }
     if (quiet) {
         progress = false;
+    }
+    if (copy_offload && compress) {
+        cli_error("Cannot enable copy offloading when -c is used");
+        goto out;
+    }
+    if (copy_offload && sparse_given) {
+        cli_error("Cannot enable copy offloading when -S is used");
+        goto out;
     }
     int nsrc = argc - optind - 1;
     if (nsrc < 1) {
@@ -217,8 +237,16 @@ int img_convert(int argc, char **argv)
     struct ct_image **srcs = calloc((size_t)nsrc, sizeof(*srcs));
     struct ct_image *dst = NULL;
     struct ct_err err = {0};
-    if (!srcs) {
+    /* Worker w's handle of source i: wsrcs[w * nsrc + i] (only for a parallel copy). */
+    if (compress || backing) {
+        nb_workers = 1;
+    }
+    size_t nwh = nb_workers >= 2 ? (size_t)nb_workers * (size_t)nsrc : 0;
+    struct ct_image **wsrcs = calloc(nwh ? nwh : 1, sizeof(*wsrcs));
+    if (!srcs || !wsrcs) {
         cli_error("out of memory");
+        free(srcs);
+        free(wsrcs);
         goto out;
     }
     uint64_t total = 0;
@@ -231,6 +259,15 @@ int img_convert(int argc, char **argv)
             goto out_imgs;
         }
         total += ct_image_size(srcs[i]);
+    }
+    for (size_t k = 0; k < nwh; k++) {
+        const char *p = argv[optind + (int)(k % (size_t)nsrc)];
+        struct ct_open_opts o = {
+            .format = fmt, .flags = force_share ? CT_OPEN_FORCE_SHARE : 0, .snapshot = snap};
+        if (ct_image_open(&wsrcs[k], p, &o, &err) < 0) {
+            cli_error_err(p, &err);
+            goto out_imgs;
+        }
     }
     if (!no_create) {
         co.size = total;
@@ -259,6 +296,10 @@ int img_convert(int argc, char **argv)
         .dst_is_zero = (!no_create || target_zero) && min_sparse != 0,
         .min_sparse = min_sparse,
         .compress = compress,
+        .nb_workers = nwh ? nb_workers : 1,
+        .worker_srcs = nwh ? wsrcs : NULL,
+        .out_of_order = out_of_order,
+        .copy_offload = copy_offload,
     };
     struct ct_job *job;
     if (ct_job_copy_create(&job, &cpo, &jo, &err) < 0) {
@@ -274,6 +315,10 @@ out_imgs:
     for (int i = 0; i < nsrc; i++) {
         ct_image_close(srcs[i], NULL);
     }
+    for (size_t k = 0; k < nwh; k++) {
+        ct_image_close(wsrcs[k], NULL);
+    }
+    free(wsrcs);
     free(srcs);
 out:
     free(optstr);

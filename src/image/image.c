@@ -658,6 +658,22 @@ int ct_image_make_empty(struct ct_image *img, struct ct_err *err)
     return r < 0 ? ct_err_set(err, r, "could not empty the image: %s", ct_strerror(r)) : 0;
 }
 
+int ct_image_copy_range(struct ct_image *src, uint64_t src_off, struct ct_image *dst,
+                        uint64_t dst_off, uint64_t len)
+{
+    int r = check_range(src, len, src_off);
+    if (r == 0) {
+        r = check_write(dst, len, dst_off);
+    }
+    if (r < 0 || len == 0) {
+        return r;
+    }
+    if (src->drv != &ct_raw_driver || dst->drv != &ct_raw_driver) {
+        return -EOPNOTSUPP;
+    }
+    return maybe_fua(dst, ct_file_copy_range(src->file, src_off, dst->file, dst_off, len), 0);
+}
+
 uint64_t ct_image_cluster_size(const struct ct_image *img)
 {
     return img->drv == &ct_qcow2_driver ? qstate((struct ct_image *)img)->cluster_size : 0;

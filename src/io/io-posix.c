@@ -172,6 +172,37 @@ int ct_file_open(struct ct_file **out, const char *path, unsigned flags, struct 
     return 0;
 }
 
+int ct_file_copy_range(struct ct_file *src, uint64_t src_off, struct ct_file *dst,
+                       uint64_t dst_off, uint64_t len)
+{
+    if (src->ops != &posix_ops || dst->ops != &posix_ops || src->fd < 0 || dst->fd < 0) {
+        return -EOPNOTSUPP;
+    }
+    int r = ct_fault_check(CT_FAULT_WRITE);
+    if (r < 0) {
+        return r;
+    }
+    while (len > 0) {
+        loff_t in = (loff_t)src_off, outp = (loff_t)dst_off;
+        ssize_t n = copy_file_range(src->fd, &in, dst->fd, &outp, len, 0);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return -errno;
+        }
+        if (n == 0) {
+            /* Source shorter than asked: reads past EOF are zeros, which a fresh target
+             * already reads; let the caller's fallback write them. */
+            return -ENODATA;
+        }
+        src_off += (uint64_t)n;
+        dst_off += (uint64_t)n;
+        len -= (uint64_t)n;
+    }
+    return 0;
+}
+
 /* QEMU's lock byte layout (block/file-posix.c facts: RAW_LOCK_PERM_BASE 100,
  * RAW_LOCK_SHARED_BASE 200; permission bits consistent-read, write, write-unchanged, resize). */
 enum { LOCK_PERM_BASE = 100, LOCK_SHARED_BASE = 200 };

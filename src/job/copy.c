@@ -10,10 +10,13 @@
  *  - A target with a backing file and one source (convert -B) is filled by the diff copy
  *    (rebase.c): only what differs from the backing's view is written.
  *
+ *  - Parallel copy (nb_workers >= 2, convert -m): see "Parallel copy" below.
+ *
  * Invariant P1: sources are only read; a failure leaves them untouched and the target valid
  * (partly written).
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,6 +36,9 @@ struct copy_state {
     uint64_t min_sparse;
     bool compress;
     uint8_t *buf, *zbuf;
+    unsigned nb_workers;
+    struct ct_image **wsrcs; /* nb_workers * n read handles */
+    bool out_of_order, copy_offload;
 };
 
 static int write_zeroes(struct copy_state *s, uint64_t len, uint64_t off)
@@ -57,17 +63,18 @@ static int write_zeroes(struct copy_state *s, uint64_t len, uint64_t off)
     return job_write_zeroes_hiding(s->dst, len, off, s->zbuf, 1u << 20);
 }
 
-/* Write buf (len bytes for dst offset off), leaving zero runs of min_sparse bytes or more. */
-static int write_sparse(struct ct_job *job, struct copy_state *s, const uint8_t *buf, uint64_t len,
-                        uint64_t off, struct ct_err *err)
+/* Write buf (len bytes for dst offset off), leaving zero runs of min_sparse bytes or more
+ * (none with copy offloading, which writes data as it is). Adds the data bytes written to
+ * *written. Calls nothing of the job: it runs in worker threads too. */
+static int write_sparse(struct copy_state *s, const uint8_t *buf, uint64_t len, uint64_t off,
+                        uint64_t *written, struct ct_err *err)
 {
-    uint64_t written = 0;
     uint64_t i = 0;
     while (i < len) {
         /* Data up to the next zero run long enough to skip. */
         uint64_t ds = i, zs = i, ze = i;
         bool found = false;
-        if (s->min_sparse) {
+        if (s->min_sparse && !s->copy_offload) {
             uint64_t p = i;
             while (p < len) {
                 uint64_t n = CT_MIN((uint64_t)SECTOR - (off + p) % SECTOR, len - p);
@@ -102,7 +109,7 @@ static int write_sparse(struct ct_job *job, struct copy_state *s, const uint8_t 
             if (r < 0) {
                 return job_io_error(err, r, "writing to", s->dst, off + ds);
             }
-            written += zs - ds;
+            *written += zs - ds;
         }
         if (ze > zs) {
             int r = write_zeroes(s, ze - zs, off + zs);
@@ -112,7 +119,7 @@ static int write_sparse(struct ct_job *job, struct copy_state *s, const uint8_t 
         }
         i = ze;
     }
-    return job_ratelimit(job, written);
+    return 0;
 }
 
 /* convert -c: whole target clusters, read from the source and written compressed; clusters
@@ -191,11 +198,24 @@ static int copy_one(struct ct_job *job, struct copy_state *s, struct ct_image *s
                 }
                 len += CT_MIN(m2.len, bufsz - len);
             }
+            if (s->copy_offload && ct_image_copy_range(src, pos, s->dst, dst_off + pos, len) == 0) {
+                r = job_ratelimit(job, len);
+                if (r < 0) {
+                    return r;
+                }
+                pos += len;
+                job_progress_update(job, len);
+                continue;
+            }
             r = ct_image_pread(src, s->buf, len, pos);
             if (r < 0) {
                 return job_io_error(err, r, "reading", src, pos);
             }
-            r = write_sparse(job, s, s->buf, len, dst_off + pos, err);
+            uint64_t written = 0;
+            r = write_sparse(s, s->buf, len, dst_off + pos, &written, err);
+            if (r == 0) {
+                r = job_ratelimit(job, written);
+            }
             if (r < 0) {
                 return r;
             }
@@ -204,6 +224,318 @@ static int copy_one(struct ct_job *job, struct copy_state *s, struct ct_image *s
         job_progress_update(job, len);
     }
     return 0;
+}
+
+/*
+ * Parallel copy (convert -m N, N >= 2).
+ *
+ * The job's thread walks the sources' allocation (on srcs[], the handles the job was given)
+ * and cuts the copy into items of at most the buffer size: a zero range or a data range.
+ * nb_workers threads take queued items; worker w reads through its own handles
+ * wsrcs[w * n + i], since a struct ct_image is not thread-safe. What happens next depends on
+ * the target:
+ *  - raw target: the worker writes the item itself through the one target handle. The raw
+ *    driver's pwrite is a plain pwrite(2) on the file (no shared state), so N writes are in
+ *    flight at once, overlapping the kernel's dirty-page throttling. A raw file has no
+ *    allocation order, so raw writes go out as they complete (with or without -W).
+ *  - qcow2 target: the job's thread is the single writer and owns the target handle. Items
+ *    wait, read, in a bounded set of slots (nb_workers + 2 buffers) and are written in
+ *    ascending guest order, so host clusters are allocated in guest order as in a sequential
+ *    copy; with out_of_order (-W) any read item is written as soon as it is ready.
+ * Progress, the rate limit, pause and cancel stay in the job's thread: it accounts an item
+ * when it completes, and stops handing out items while paused. The first error stops the
+ * workers (they finish their current item), and the job fails with that item's message.
+ *
+ * Slot states: FREE -> QUEUED (job thread) -> RUNNING (worker) -> DONE (worker) -> FREE (job
+ * thread, after writing it for a qcow2 target). Zero items that need no worker (all zero
+ * items for a qcow2 target, and for a raw target that already reads zero) go FREE -> DONE.
+ */
+enum slot_state { SLOT_FREE, SLOT_QUEUED, SLOT_RUNNING, SLOT_DONE };
+
+struct copy_slot {
+    enum slot_state state;
+    uint64_t seq;
+    unsigned src;
+    uint64_t src_off, dst_off, len;
+    bool zero;
+    uint8_t *buf;
+    uint64_t written; /* data bytes written by the worker (rate limit) */
+    int r;
+    struct ct_err err;
+};
+
+struct copy_par {
+    struct copy_state *s;
+    bool raw_dst;
+    unsigned nslots;
+    struct copy_slot *slots;
+    uint64_t bufsz;
+    pthread_mutex_t lock;
+    pthread_cond_t work; /* an item was queued, or stop */
+    pthread_cond_t done; /* an item completed */
+    bool stop;
+};
+
+struct copy_worker {
+    struct copy_par *p;
+    unsigned index;
+    pthread_t tid;
+};
+
+/* Read (and for a raw target write) one item in a worker. */
+static int par_process(struct copy_par *p, struct copy_slot *sl, unsigned w)
+{
+    struct copy_state *s = p->s;
+    struct ct_image *src = s->wsrcs[w * s->n + sl->src];
+    if (sl->zero) {
+        int r = write_zeroes(s, sl->len, sl->dst_off);
+        return r < 0 ? job_io_error(&sl->err, r, "writing to", s->dst, sl->dst_off) : 0;
+    }
+    if (s->copy_offload && p->raw_dst) {
+        int r = ct_image_copy_range(src, sl->src_off, s->dst, sl->dst_off, sl->len);
+        if (r == 0) {
+            sl->written = sl->len;
+            return 0;
+        }
+        /* Not raw to raw, or the kernel cannot: copy the bytes ourselves. */
+    }
+    if (!sl->buf && !(sl->buf = job_buf_alloc(p->bufsz))) {
+        return ct_err_set(&sl->err, -ENOMEM, "out of memory");
+    }
+    int r = ct_image_pread(src, sl->buf, sl->len, sl->src_off);
+    if (r < 0) {
+        return job_io_error(&sl->err, r, "reading", src, sl->src_off);
+    }
+    if (!p->raw_dst) {
+        return 0; /* the job's thread writes it */
+    }
+    return write_sparse(s, sl->buf, sl->len, sl->dst_off, &sl->written, &sl->err);
+}
+
+static void *par_worker(void *opaque)
+{
+    struct copy_worker *wk = opaque;
+    struct copy_par *p = wk->p;
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        struct copy_slot *sl = NULL;
+        while (!p->stop) {
+            for (unsigned i = 0; i < p->nslots; i++) {
+                struct copy_slot *c = &p->slots[i];
+                if (c->state == SLOT_QUEUED && (!sl || c->seq < sl->seq)) {
+                    sl = c;
+                }
+            }
+            if (sl) {
+                break;
+            }
+            pthread_cond_wait(&p->work, &p->lock);
+        }
+        if (p->stop) {
+            break;
+        }
+        sl->state = SLOT_RUNNING;
+        pthread_mutex_unlock(&p->lock);
+        int r = par_process(p, sl, wk->index);
+        pthread_mutex_lock(&p->lock);
+        sl->r = r;
+        sl->state = SLOT_DONE;
+        pthread_cond_broadcast(&p->done);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+/* The job thread's side of one completed item: write it (qcow2 target), account it. */
+static int par_finish(struct ct_job *job, struct copy_par *p, struct copy_slot *sl,
+                      struct ct_err *err)
+{
+    struct copy_state *s = p->s;
+    if (sl->r < 0) {
+        *err = sl->err;
+        return sl->r;
+    }
+    uint64_t written = sl->written;
+    if (!p->raw_dst) {
+        int r;
+        if (sl->zero) {
+            r = write_zeroes(s, sl->len, sl->dst_off);
+            if (r < 0) {
+                return job_io_error(err, r, "writing to", s->dst, sl->dst_off);
+            }
+        } else {
+            r = write_sparse(s, sl->buf, sl->len, sl->dst_off, &written, err);
+            if (r < 0) {
+                return r;
+            }
+        }
+    }
+    job_progress_update(job, sl->len);
+    return written ? job_ratelimit(job, written) : 0;
+}
+
+/* Cut the next item at (*src, *pos) into sl: 1, or 0 when every source is done, or < 0. */
+static int par_next(struct copy_par *p, unsigned *src, uint64_t *pos, uint64_t *dst_base,
+                    struct copy_slot *sl, struct ct_err *err)
+{
+    struct copy_state *s = p->s;
+    while (*src < s->n && *pos >= ct_image_size(s->srcs[*src])) {
+        *dst_base += ct_image_size(s->srcs[*src]);
+        (*src)++;
+        *pos = 0;
+    }
+    if (*src >= s->n) {
+        return 0;
+    }
+    struct ct_image *img = s->srcs[*src];
+    uint64_t size = ct_image_size(img), off = *pos;
+    struct ct_map_extent m;
+    int r = ct_image_map(img, off, CT_MIN(size - off, JOB_STATUS_STEP), &m);
+    if (r == 0 && m.len == 0) {
+        r = -EIO;
+    }
+    if (r < 0) {
+        return job_io_error(err, r, "reading the allocation of", img, off);
+    }
+    uint64_t len = m.len;
+    bool zero = (m.flags & CT_STATUS_ZERO) != 0;
+    if (zero) {
+        len = CT_MIN(len, (uint64_t)ZERO_STEP);
+    } else {
+        len = CT_MIN(len, p->bufsz);
+        while (len < p->bufsz && off + len < size) {
+            struct ct_map_extent m2;
+            if (ct_image_map(img, off + len, p->bufsz - len, &m2) < 0 || m2.len == 0 ||
+                (m2.flags & CT_STATUS_ZERO)) {
+                break;
+            }
+            len += CT_MIN(m2.len, p->bufsz - len);
+        }
+    }
+    sl->src = *src;
+    sl->src_off = off;
+    sl->dst_off = *dst_base + off;
+    sl->len = len;
+    sl->zero = zero;
+    sl->written = 0;
+    sl->r = 0;
+    *pos = off + len;
+    return 1;
+}
+
+static int copy_parallel(struct ct_job *job, struct copy_state *s, struct ct_err *err)
+{
+    struct copy_par p = {.s = s, .bufsz = job_buf_bytes(job)};
+    p.raw_dst = strcmp(ct_image_format(s->dst), "raw") == 0;
+    p.nslots = s->nb_workers + 2;
+    p.slots = calloc(p.nslots, sizeof(*p.slots));
+    struct copy_worker *wk = calloc(s->nb_workers, sizeof(*wk));
+    if (!p.slots || !wk) {
+        free(p.slots);
+        free(wk);
+        return ct_err_set(err, -ENOMEM, "out of memory");
+    }
+    pthread_mutex_init(&p.lock, NULL);
+    pthread_cond_init(&p.work, NULL);
+    pthread_cond_init(&p.done, NULL);
+    unsigned started = 0;
+    int ret = 0;
+    for (; started < s->nb_workers; started++) {
+        wk[started].p = &p;
+        wk[started].index = started;
+        int e = pthread_create(&wk[started].tid, NULL, par_worker, &wk[started]);
+        if (e) {
+            ret = ct_err_set(err, -e, "cannot start a copy thread: %s", ct_strerror(-e));
+            break;
+        }
+    }
+    unsigned src = 0;
+    uint64_t pos = 0, dst_base = 0, next_seq = 0, write_seq = 0;
+    bool produced_all = false;
+    unsigned inflight = 0;
+    while (ret == 0) {
+        ret = job_pause_point(job);
+        if (ret < 0) {
+            break;
+        }
+        /* A completed item the job's thread may take now. */
+        struct copy_slot *ready = NULL, *free_slot = NULL;
+        pthread_mutex_lock(&p.lock);
+        for (;;) {
+            ready = free_slot = NULL;
+            for (unsigned i = 0; i < p.nslots; i++) {
+                struct copy_slot *c = &p.slots[i];
+                if (c->state == SLOT_DONE) {
+                    if (c->r < 0) {
+                        ready = c; /* errors first */
+                        break;
+                    }
+                    bool ok = p.raw_dst || s->out_of_order || c->seq == write_seq;
+                    if (ok && (!ready || c->seq < ready->seq)) {
+                        ready = c;
+                    }
+                } else if (c->state == SLOT_FREE && !free_slot) {
+                    free_slot = c;
+                }
+            }
+            if (ready || (free_slot && !produced_all) || inflight == 0) {
+                break;
+            }
+            pthread_cond_wait(&p.done, &p.lock);
+        }
+        pthread_mutex_unlock(&p.lock);
+        if (ready) {
+            ret = par_finish(job, &p, ready, err);
+            if (ready->seq == write_seq) {
+                write_seq++; /* in-order writing (qcow2 target without -W) */
+            }
+            pthread_mutex_lock(&p.lock);
+            ready->state = SLOT_FREE;
+            inflight--;
+            pthread_mutex_unlock(&p.lock);
+            continue;
+        }
+        if (free_slot && !produced_all) {
+            int r = par_next(&p, &src, &pos, &dst_base, free_slot, err);
+            if (r < 0) {
+                ret = r;
+                break;
+            }
+            if (r == 0) {
+                produced_all = true;
+                continue;
+            }
+            free_slot->seq = next_seq++;
+            inflight++;
+            bool needs_worker = !free_slot->zero || (p.raw_dst && !s->dst_is_zero);
+            pthread_mutex_lock(&p.lock);
+            free_slot->state = needs_worker ? SLOT_QUEUED : SLOT_DONE;
+            if (needs_worker) {
+                pthread_cond_signal(&p.work);
+            }
+            pthread_mutex_unlock(&p.lock);
+            continue;
+        }
+        if (produced_all && inflight == 0) {
+            break;
+        }
+    }
+    pthread_mutex_lock(&p.lock);
+    p.stop = true;
+    pthread_cond_broadcast(&p.work);
+    pthread_mutex_unlock(&p.lock);
+    for (unsigned i = 0; i < started; i++) {
+        pthread_join(wk[i].tid, NULL);
+    }
+    for (unsigned i = 0; i < p.nslots; i++) {
+        free(p.slots[i].buf);
+    }
+    pthread_cond_destroy(&p.done);
+    pthread_cond_destroy(&p.work);
+    pthread_mutex_destroy(&p.lock);
+    free(p.slots);
+    free(wk);
+    return ret;
 }
 
 static int copy_run(struct ct_job *job, struct ct_err *err)
@@ -234,6 +566,16 @@ static int copy_run(struct ct_job *job, struct ct_err *err)
         return ct_err_set(err, -ENOMEM, "out of memory");
     }
     memset(s->zbuf, 0, 1u << 20);
+    if (s->nb_workers >= 2 && !s->compress) {
+        int r = copy_parallel(job, s, err);
+        if (r == 0) {
+            r = ct_image_flush(s->dst);
+            if (r < 0) {
+                r = job_io_error(err, r, "flushing", s->dst, 0);
+            }
+        }
+        return r;
+    }
     uint64_t off = 0;
     for (unsigned i = 0; i < s->n; i++) {
         int r = copy_one(job, s, s->srcs[i], off, err);
@@ -267,6 +609,7 @@ static void copy_free(struct ct_job *job)
         free(s->buf);
         free(s->zbuf);
         free(s->srcs);
+        free(s->wsrcs);
         free(s);
     }
 }
@@ -304,5 +647,26 @@ int ct_job_copy_create(struct ct_job **out, const struct ct_copy_opts *o,
     s->dst_is_zero = o->dst_is_zero;
     s->min_sparse = o->min_sparse;
     s->compress = o->compress;
+    s->out_of_order = o->out_of_order;
+    s->copy_offload = o->copy_offload;
+    if (o->nb_workers >= 2 && o->worker_srcs) {
+        size_t nh = (size_t)o->nb_workers * o->nb_srcs;
+        s->wsrcs = calloc(nh, sizeof(*s->wsrcs));
+        if (!s->wsrcs) {
+            free(s->srcs);
+            free(s);
+            return ct_err_set(err, -ENOMEM, "out of memory");
+        }
+        memcpy(s->wsrcs, o->worker_srcs, nh * sizeof(*s->wsrcs));
+        s->nb_workers = o->nb_workers;
+        for (size_t i = 0; i < nh; i++) {
+            if (ct_image_size(s->wsrcs[i]) != ct_image_size(s->srcs[i % o->nb_srcs])) {
+                free(s->wsrcs);
+                free(s->srcs);
+                free(s);
+                return ct_err_set(err, -EINVAL, "a worker's source handle differs in size");
+            }
+        }
+    }
     return job_create(out, &copy_driver, s, jo, err);
 }
