@@ -12,6 +12,8 @@
  *                                   /var/lib/cowtree for root)
  *   COWTREE_FAULT                   engine fault injection (tests), as for cowtree-img
  *   COWTREE_MANAGER_KILL_AT_STEP=N  SIGKILL at the N-th journal point (tests)
+ *   COWTREE_DAEMON                  the daemon `start` runs (default: cowtreed beside this
+ *                                   program, else from PATH), as `DAEMON --home DIR`
  *
  * Exit status: 0 success; 1 error; 2 usage; 3 not found (domain, disk, snapshot, file);
  * 4 refused (exists, protected, unsaved changes, busy); 5 catalog and files disagree.
@@ -94,6 +96,28 @@ static void progress_hook(void *opaque, const char *what, uint64_t done, uint64_
     }
 }
 
+/* cowtreed beside this program (the build tree), else from PATH. */
+static char *daemon_prog(void)
+{
+    const char *e = getenv("COWTREE_DAEMON");
+    if (e && *e) {
+        return strdup(e);
+    }
+    char self[4096];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 16);
+    if (n > 0) {
+        self[n] = '\0';
+        char *slash = strrchr(self, '/');
+        if (slash) {
+            strcpy(slash + 1, "cowtreed");
+            if (access(self, X_OK) == 0) {
+                return strdup(self);
+            }
+        }
+    }
+    return strdup("cowtreed");
+}
+
 static char *home_dir(void)
 {
     const char *h = getenv("COWTREE_HOME");
@@ -125,9 +149,12 @@ static int open_mgr(bool no_recover, uint64_t speed)
                          .kill_point = kill_hook,
                          .progress = progress_hook,
                          .speed = speed};
+    char *prog = daemon_prog();
+    o.daemon = prog;
     struct ct_err err = {0};
     int r = mgr_open(&mgr, &o, &err);
     free(home);
+    free(prog);
     return r < 0 ? fail(r, &err) : 0;
 }
 
@@ -356,7 +383,7 @@ static int cmd_list(int argc, char **argv)
                                        {"name", no_argument, NULL, 'n'},
                                        {"output", required_argument, NULL, 'O'},
                                        {0}};
-    bool names_only = false, json = false;
+    bool names_only = false, json = false, all = false, inactive = false;
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         if (c == 'n') {
@@ -365,8 +392,12 @@ static int cmd_list(int argc, char **argv)
             if (!parse_output(optarg, &json)) {
                 return EXIT_USAGE;
             }
-        } else if (c != 'a' && c != 'i') {
-            return usage_error("list", "list [--all] [--name] [--output=json]");
+        } else if (c == 'a') {
+            all = true;
+        } else if (c == 'i') {
+            inactive = true;
+        } else {
+            return usage_error("list", "list [--all | --inactive] [--name] [--output=json]");
         }
     }
     int rc = open_mgr(false, 0);
@@ -380,38 +411,166 @@ static int cmd_list(int argc, char **argv)
     if (r < 0) {
         return fail(r, &err);
     }
-    if (json) {
-        json_object *a = json_object_new_array();
-        for (size_t i = 0; i < n; i++) {
-            struct mgr_domain_info *d;
-            if (mgr_domain_get(mgr, names[i], &d, &err) < 0) {
-                continue;
+    /* virsh: running domains by default, --inactive the others, --all both. */
+    json_object *a = json_object_new_array();
+    struct table t = {.ncols = 3};
+    table_row(&t, (const char *const[]){"Id", "Name", "State"});
+    for (size_t i = 0; i < n; i++) {
+        struct mgr_domain_info *d;
+        if (mgr_domain_get(mgr, names[i], &d, &err) < 0) {
+            continue;
+        }
+        bool show = all || (inactive ? !d->run.running : d->run.running);
+        if (show) {
+            char id[24] = "-";
+            if (d->run.running) {
+                snprintf(id, sizeof(id), "%lld", (long long)d->run.id);
             }
-            json_object *o = json_object_new_object();
-            json_object_object_add(o, "name", jstr(d->name));
-            json_object_object_add(o, "uuid", jstr(d->uuid));
-            json_object_object_add(o, "state", jstr("shut off"));
-            json_object_object_add(o, "disks", json_object_new_int64((int64_t)d->nd));
-            json_object_object_add(o, "snapshots", json_object_new_int64((int64_t)d->ns));
-            json_object_object_add(o, "current", jstr(d->current));
-            json_object_array_add(a, o);
-            mgr_domain_info_free(d);
+            if (json) {
+                json_object *o = json_object_new_object();
+                json_object_object_add(o, "id",
+                                       d->run.running ? json_object_new_int64(d->run.id) : NULL);
+                json_object_object_add(o, "name", jstr(d->name));
+                json_object_object_add(o, "uuid", jstr(d->uuid));
+                json_object_object_add(o, "state", jstr(d->run.state));
+                json_object_object_add(o, "reason", jstr(d->run.reason));
+                json_object_object_add(o, "disks", json_object_new_int64((int64_t)d->nd));
+                json_object_object_add(o, "snapshots", json_object_new_int64((int64_t)d->ns));
+                json_object_object_add(o, "current", jstr(d->current));
+                json_object_array_add(a, o);
+            } else if (names_only) {
+                printf("%s\n", d->name);
+            } else {
+                table_row(&t, (const char *const[]){id, d->name, d->run.state});
+            }
         }
+        mgr_domain_info_free(d);
+    }
+    if (json) {
         print_json(a);
-    } else if (names_only) {
-        for (size_t i = 0; i < n; i++) {
-            printf("%s\n", names[i]);
-        }
-        printf("\n");
     } else {
-        struct table t = {.ncols = 3};
-        table_row(&t, (const char *const[]){"Id", "Name", "State"});
-        for (size_t i = 0; i < n; i++) {
-            table_row(&t, (const char *const[]){"-", names[i], "shut off"});
+        json_object_put(a);
+        if (names_only) {
+            printf("\n");
+        } else {
+            table_print(&t);
         }
-        table_print(&t);
+    }
+    if (names_only || json) {
+        for (size_t i = 0; i < t.nrows * t.ncols; i++) {
+            free(t.cells[i]);
+        }
+        free(t.cells);
     }
     mgr_strv_free(names, n);
+    return 0;
+}
+
+/* ---- running domains: start / shutdown / destroy / domstate ---- */
+
+static int cmd_start(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        {"output", required_argument, NULL, 'O'}, {"paused", no_argument, NULL, 'p'}, {0}};
+    bool json = false;
+    int c;
+    while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        if (c == 'O') {
+            if (!parse_output(optarg, &json)) {
+                return EXIT_USAGE;
+            }
+        } else if (c == 'p') {
+            cli_error("error: --paused: cowtree domains have no CPUs to pause; their disks are "
+                      "served as soon as they start");
+            return 1;
+        } else {
+            return usage_error("start", "start DOM [--output=json]");
+        }
+    }
+    if (optind + 1 != argc) {
+        return usage_error("start", "start DOM [--output=json]");
+    }
+    int rc = open_mgr(false, 0);
+    if (rc) {
+        return rc;
+    }
+    struct ct_err err = {0};
+    char **uris;
+    size_t n;
+    int r = mgr_start(mgr, argv[optind], &uris, &n, &err);
+    if (r < 0) {
+        cli_error("error: Failed to start domain '%s'", argv[optind]);
+        return fail(r, &err);
+    }
+    if (json) {
+        json_object *o = json_object_new_object();
+        json_object *a = json_object_new_array();
+        for (size_t i = 0; i < n; i++) {
+            json_object_array_add(a, jstr(uris[i]));
+        }
+        json_object_object_add(o, "domain", jstr(argv[optind]));
+        json_object_object_add(o, "uris", a);
+        print_json(o);
+    } else {
+        printf("Domain '%s' started\n", argv[optind]);
+        for (size_t i = 0; i < n; i++) {
+            printf("%s\n", uris[i]);
+        }
+        printf("\n");
+    }
+    mgr_strv_free(uris, n);
+    return 0;
+}
+
+static int cmd_shutdown(int argc, char **argv)
+{
+    if (argc != 2 || argv[1][0] == '-') {
+        return usage_error(argv[0], "shutdown DOM");
+    }
+    int rc = open_mgr(false, 0);
+    if (rc) {
+        return rc;
+    }
+    struct ct_err err = {0};
+    int r = mgr_shutdown(mgr, argv[1], &err);
+    if (r < 0) {
+        cli_error("error: Failed to shutdown domain '%s'", argv[1]);
+        return fail(r, &err);
+    }
+    printf("Domain '%s' is being shutdown\n\n", argv[1]);
+    return 0;
+}
+
+static int cmd_domstate(int argc, char **argv)
+{
+    static const struct option lo[] = {{"reason", no_argument, NULL, 'r'}, {0}};
+    bool reason = false;
+    int c;
+    while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        if (c == 'r') {
+            reason = true;
+        } else {
+            return usage_error("domstate", "domstate DOM [--reason]");
+        }
+    }
+    if (optind + 1 != argc) {
+        return usage_error("domstate", "domstate DOM [--reason]");
+    }
+    int rc = open_mgr(false, 0);
+    if (rc) {
+        return rc;
+    }
+    struct ct_err err = {0};
+    struct mgr_domstate st;
+    int r = mgr_domstate(mgr, argv[optind], &st, &err);
+    if (r < 0) {
+        return fail(r, &err);
+    }
+    if (reason) {
+        printf("%s (%s)\n\n", st.state, st.reason);
+    } else {
+        printf("%s\n\n", st.state);
+    }
     return 0;
 }
 
@@ -462,7 +621,8 @@ static int cmd_dominfo(int argc, char **argv)
         json_object_object_add(o, "name", jstr(d->name));
         json_object_object_add(o, "uuid", jstr(d->uuid));
         json_object_object_add(o, "type", jstr(d->type));
-        json_object_object_add(o, "state", jstr("shut off"));
+        json_object_object_add(o, "state", jstr(d->run.state));
+        json_object_object_add(o, "id", d->run.running ? json_object_new_int64(d->run.id) : NULL);
         json_object_object_add(o, "persistent", json_object_new_boolean(1));
         json_object_object_add(o, "disks", json_object_new_int64((int64_t)d->nd));
         json_object_object_add(o, "snapshots", json_object_new_int64((int64_t)d->ns));
@@ -471,11 +631,15 @@ static int cmd_dominfo(int argc, char **argv)
         json_object_object_add(o, "created", json_object_new_int64(d->created));
         print_json(o);
     } else {
-        printf("%-15s %s\n", "Id:", "-");
+        char id[24] = "-";
+        if (d->run.running) {
+            snprintf(id, sizeof(id), "%lld", (long long)d->run.id);
+        }
+        printf("%-15s %s\n", "Id:", id);
         printf("%-15s %s\n", "Name:", d->name);
         printf("%-15s %s\n", "UUID:", d->uuid);
         printf("%-15s %s\n", "OS Type:", "hvm");
-        printf("%-15s %s\n", "State:", "shut off");
+        printf("%-15s %s\n", "State:", d->run.state);
         printf("%-15s %s\n", "Persistent:", "yes");
         printf("%-15s %s\n", "Autostart:", "disable");
         printf("%-15s %s\n", "Managed save:", "no");
@@ -2015,7 +2179,11 @@ static const struct {
 } cmds[] = {
     {"define", cmd_define, "define NAME --disk TARGET=PATH... | define FILE.xml"},
     {"undefine", cmd_undefine, "undefine DOM [--snapshots-metadata] [--remove-all-storage]"},
-    {"list", cmd_list, "list [--all] [--name] [--output=json]"},
+    {"list", cmd_list, "list [--all | --inactive] [--name] [--output=json]"},
+    {"start", cmd_start, "start DOM [--output=json]   (serve its disks over NBD via cowtreed)"},
+    {"shutdown", cmd_shutdown, "shutdown DOM"},
+    {"destroy", cmd_shutdown, "destroy DOM   (as shutdown: the disks are flushed and closed)"},
+    {"domstate", cmd_domstate, "domstate DOM [--reason]"},
     {"dominfo", cmd_dominfo, "dominfo DOM [--output=json]"},
     {"domblklist", cmd_domblklist, "domblklist DOM [--details] [--output=json]"},
     {"images", cmd_images, "images DOM [--output=json]   (every file the catalog knows)"},

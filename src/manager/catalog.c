@@ -9,6 +9,10 @@
  *   snapdisks(domain, snap, target, idx, kind, image, file, driver, mat)
  *   plans(id, domain, op, created, state, error) and steps(plan, seq, kind, a..e, n, bytes,
  *   done): the journal (journal.c).
+ *   runstate(domain, state, reason, id, since): running domains (live.c); a row saying
+ *   running is believed only while the daemon has the domain's disks open.
+ *   livejobs(domain, target, job, type, args, started): block jobs running in the daemon.
+ *   (Both added to schema 1 with CREATE IF NOT EXISTS: older catalogs gain them on open.)
  *
  * Invariants:
  *  K1. The model is written back only as a whole per domain (delete its rows, insert the new
@@ -52,6 +56,11 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS steps(plan INTEGER NOT NULL, seq INTEGER NOT NULL,"
     " kind TEXT NOT NULL, a TEXT, b TEXT, c TEXT, d TEXT, e TEXT, n INTEGER, bytes INTEGER,"
     " done INTEGER NOT NULL, PRIMARY KEY(plan, seq));"
+    "CREATE TABLE IF NOT EXISTS runstate(domain TEXT PRIMARY KEY, state TEXT NOT NULL,"
+    " reason TEXT, id INTEGER, since INTEGER NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS livejobs(domain TEXT NOT NULL, target TEXT NOT NULL,"
+    " job TEXT NOT NULL, type TEXT NOT NULL, args TEXT NOT NULL, started INTEGER NOT NULL,"
+    " PRIMARY KEY(domain, target));"
     "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', '1');";
 
 /* ---- model ---- */

@@ -28,6 +28,7 @@ int mgr_open(struct mgr **out, const struct mgr_opts *opts, struct ct_err *err)
     m->home = mgr_xstrdup(opts->home);
     m->opts = *opts;
     m->opts.home = m->home;
+    m->opts.daemon = mgr_xstrdup(opts->daemon);
     m->lock_fd = -1;
     int r = cat_open(m, err);
     if (r == 0 && !opts->no_recover) {
@@ -46,7 +47,9 @@ void mgr_close(struct mgr *m)
     if (!m) {
         return;
     }
+    live_close(m);
     cat_close(m);
+    free((char *)m->opts.daemon);
     free(m->home);
     free(m);
 }
@@ -367,6 +370,14 @@ int mgr_undefine(struct mgr *m, const char *name, unsigned flags, struct ct_err 
     if (r == 0 && !d) {
         r = ct_err_set(err, -ENOENT, "Domain not found: no domain with matching name '%s'", name);
     }
+    bool running = false;
+    if (r == 0) {
+        r = live_domain_running(m, d, &running, err);
+    }
+    if (r == 0 && running) {
+        r = ct_err_set(err, -CT_E_BUSY,
+                       "cannot undefine domain %s while it is running (shut it down first)", name);
+    }
     if (r == 0 && d->ns && !(flags & MGR_UNDEFINE_SNAPSHOTS)) {
         r = ct_err_set(err, -CT_E_BUSY,
                        "cannot undefine domain %s with %zu snapshot(s) (use "
@@ -467,6 +478,12 @@ int mgr_domain_get(struct mgr *m, const char *name, struct mgr_domain_info **out
     o->current = mgr_xstrdup(d->current);
     o->origin = mgr_xstrdup(d->origin);
     o->created = d->created;
+    r = live_fill_state(m, d, &o->run, err);
+    if (r < 0) {
+        free(o);
+        m_cat_free(c);
+        return r;
+    }
     o->nd = d->nd;
     o->disks = mgr_xcalloc(d->nd, sizeof(*o->disks));
     for (size_t i = 0; i < d->nd; i++) {

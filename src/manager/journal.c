@@ -52,6 +52,7 @@ static const struct {
     [ST_REMOVE] = {"remove", false},
     [ST_COPY] = {"copy", true},
     [ST_CATALOG] = {"catalog", false},
+    [ST_LIVE] = {"live", true},
 };
 
 const char *step_kind_name(enum m_step_kind k)
@@ -71,8 +72,8 @@ static int kind_from_name(const char *s)
 
 static bool step_undoable(const struct m_step *s)
 {
-    if (s->kind == ST_COPY) {
-        return s->n == 0; /* a reused destination was overwritten */
+    if (s->kind == ST_COPY || s->kind == ST_LIVE) {
+        return s->n == 0; /* a reused destination was overwritten; live deletes and jobs */
     }
     return kinds[s->kind].undoable;
 }
@@ -210,6 +211,12 @@ void mgr_plan_step(const struct mgr_plan *p, size_t i, struct mgr_step_view *v)
         v->path = s->b;
         v->other = s->a;
         v->creates = s->n == 0;
+        v->writes = true;
+        break;
+    case ST_LIVE:
+        v->action = "live";
+        v->path = s->b;
+        v->other = s->a;
         v->writes = true;
         break;
     case ST_CATALOG:
@@ -564,11 +571,18 @@ static int step_do(struct mgr *m, const struct m_step *s, struct ct_err *err)
         return mgr_unlink(s->a, err);
     case ST_COPY:
         return do_copy(m, s, err);
+    case ST_LIVE:
+        return live_step_do(m, s, err);
     case ST_CATALOG:
     case ST__MAX:
         break;
     }
     return ct_err_set(err, -EINVAL, "unknown journal step");
+}
+
+int journal_step_do(struct mgr *m, const struct m_step *s, struct ct_err *err)
+{
+    return step_do(m, s, err);
 }
 
 static int step_undo(struct mgr *m, const struct m_step *s, struct ct_err *err)
@@ -595,6 +609,8 @@ static int step_undo(struct mgr *m, const struct m_step *s, struct ct_err *err)
     }
     case ST_REBASE:
         return mgr_file_exists(s->a) ? do_rebase(s->a, s->d, s->e, err) : 0;
+    case ST_LIVE:
+        return live_step_undo(m, s, err);
     default:
         return 0;
     }

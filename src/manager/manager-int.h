@@ -168,12 +168,15 @@ char *cat_sql(const struct m_cat *c);
 int cat_exec_txn(struct mgr *m, const char *sql, struct ct_err *err);
 int cat_exec(struct mgr *m, const char *sql, struct ct_err *err);
 
+struct qmp;
 struct mgr {
     char *home;
     int lock_fd;
     struct sqlite3 *db;
     struct mgr_opts opts;
     unsigned kill_point; /* counter of journal kill points passed */
+    char *rundir;        /* HOME/run: the daemon's home */
+    struct qmp *qmp;     /* connection to the daemon, opened on first use */
 };
 
 /* ---- probe.c: what the files say (cached per operation, simulated by planning) ---- */
@@ -205,6 +208,8 @@ struct m_probe *m_probe_get(struct m_probes *p, const char *path, const char *fm
 struct m_probe *m_probe_synth(struct m_probes *p, const char *path, const char *fmt, uint64_t size,
                               const char *backing, const char *backing_fmt);
 void m_probe_drop(struct m_probes *p, const char *path);
+/* Open images without taking or testing locks (a running domain's files are the daemon's). */
+void m_probe_set_force_share(bool on);
 bool m_probe_has_snap(const struct m_probe *pr, const char *name);
 void m_probe_add_snap(struct m_probe *pr, const char *name);
 void m_probe_del_snap(struct m_probe *pr, const char *name);
@@ -228,6 +233,7 @@ enum m_step_kind {
     ST_REMOVE,          /* a=path */
     ST_COPY,            /* a=source top b=dest c=dest fmt d=dest backing e=its fmt n=reuse */
     ST_CATALOG,         /* a=SQL */
+    ST_LIVE,            /* a=JSON actions through QMP (live.c) n=1: irreversible */
     ST__MAX,
 };
 
@@ -270,6 +276,13 @@ struct m_ctx {
     struct mgr_plan *plan;
     char **created; /* paths this plan creates (name collision checks) */
     size_t ncreated;
+    /* Set by ctx_verify_domain when the domain runs (live.c): the plan is made live. */
+    bool live_checked, live;
+    char *live_dom;
+    char **live_tops; /* each disk's top when the operation began, in disk order */
+    size_t nlive_tops;
+    char **inuse; /* every file the daemon has open */
+    size_t ninuse;
 };
 
 void ctx_init(struct m_ctx *x, struct mgr *m);
@@ -327,5 +340,26 @@ void snapxml_in_free(struct snapxml_in *in);
 /* Register the backing chain below top (not owned). */
 int dom_register_chain(struct m_ctx *x, const char *domain, const char *target, const char *top,
                        const char *fmt, bool owned_top, struct ct_err *err);
+
+/* ---- live.c: running domains ---- */
+
+void live_close(struct mgr *m);
+/* Connect to the home's daemon: 1 connected, 0 none runs, < 0 error. */
+int live_connect(struct mgr *m, struct ct_err *err);
+/* Invariant L1 (live.c). A stale running row becomes shut off / crashed. */
+int live_domain_running(struct mgr *m, const struct m_domain *d, bool *running, struct ct_err *err);
+int live_fill_state(struct mgr *m, const struct m_domain *d, struct mgr_domstate *st,
+                    struct ct_err *err);
+bool live_jobs_pending(struct mgr *m, const char *dom);
+/* ctx_verify_domain found the domain running: record its tops and the daemon's files. */
+int live_ctx_enter(struct m_ctx *x, struct m_domain *d, struct ct_err *err);
+/* Make x's plan for running domain d live (L3): called by ctx_finish. */
+int live_plan(struct m_ctx *x, struct ct_err *err);
+/* Execute / undo an ST_LIVE step. */
+int live_step_do(struct mgr *m, const struct m_step *s, struct ct_err *err);
+int live_step_undo(struct mgr *m, const struct m_step *s, struct ct_err *err);
+int live_job_step(struct mgr *m, const struct m_step *s, struct ct_err *err);
+/* Run one offline step (journal.c), for live steps finished without the daemon. */
+int journal_step_do(struct mgr *m, const struct m_step *s, struct ct_err *err);
 
 #endif

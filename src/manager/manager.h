@@ -43,6 +43,10 @@ struct mgr_opts {
     void (*progress)(void *opaque, const char *what, uint64_t done, uint64_t total);
     void *opaque;
     uint64_t speed; /* bytes per second for byte-moving steps, 0 = unlimited */
+    /* Running domains (live.c): the daemon program `start` runs as `DAEMON --home DIR`
+     * (NULL: "cowtreed" from PATH) and the QMP reply timeout (0: 60 s). */
+    const char *daemon;
+    int qmp_timeout_ms;
 };
 
 int mgr_open(struct mgr **out, const struct mgr_opts *opts, struct ct_err *err);
@@ -105,8 +109,16 @@ struct mgr_image_info {
     bool owned;
 };
 
+struct mgr_domstate {
+    bool running;
+    const char *state;  /* "running" or "shut off" (static strings) */
+    const char *reason; /* virsh's reasons: booted, shutdown, crashed, unknown */
+    int64_t id;         /* virsh's Id while running, else -1 */
+};
+
 struct mgr_domain_info {
     char *name, *uuid, *type, *current, *origin;
+    struct mgr_domstate run; /* running or not, from the catalog and the daemon */
     int64_t created;
     struct mgr_disk_info *disks;
     size_t nd;
@@ -205,6 +217,17 @@ int mgr_blockcopy(struct mgr *m, const char *dom, const char *disk, const struct
  * instead, independent of the source). */
 int mgr_clone(struct mgr *m, const char *dom, const char *snap, const char *newdom, bool flatten,
               unsigned flags, struct mgr_plan **plan, struct ct_err *err);
+
+/* ---- Running domains (live.c) ----
+ *
+ * A running domain's disks are open in cowtreed (one daemon per catalog home, in HOME/run)
+ * and served over NBD; the verbs that change files then go through QMP. */
+
+/* Start the daemon if needed, open and export every disk; *uris (owned) get the NBD URIs. */
+int mgr_start(struct mgr *m, const char *dom, char ***uris, size_t *n, struct ct_err *err);
+/* Flush and close the domain's disks in the daemon (stopping it when no domain runs). */
+int mgr_shutdown(struct mgr *m, const char *dom, struct ct_err *err);
+int mgr_domstate(struct mgr *m, const char *dom, struct mgr_domstate *st, struct ct_err *err);
 
 /* ---- Reconcile ---- */
 

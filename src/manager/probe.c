@@ -54,11 +54,19 @@ static char *resolve_backing(const char *image, const char *name)
     return abs;
 }
 
+static bool force_share;
+
+void m_probe_set_force_share(bool on)
+{
+    force_share = on;
+}
+
 int m_read_image(const char *path, const char *fmt, struct m_probe *out, struct ct_err *err)
 {
     memset(out, 0, sizeof(*out));
     struct ct_image *img = NULL;
-    struct ct_open_opts o = {.format = fmt, .flags = CT_OPEN_NO_BACKING};
+    struct ct_open_opts o = {.format = fmt,
+                             .flags = CT_OPEN_NO_BACKING | (force_share ? CT_OPEN_FORCE_SHARE : 0)};
     int r = ct_image_open(&img, path, &o, err);
     if (r < 0) {
         return r;
@@ -194,7 +202,8 @@ int m_probe_snap_differs(const char *path, const char *fmt, const char *name, bo
                          struct ct_err *err)
 {
     struct ct_image *img = NULL;
-    struct ct_open_opts o = {.format = fmt, .flags = CT_OPEN_NO_BACKING};
+    struct ct_open_opts o = {.format = fmt,
+                             .flags = CT_OPEN_NO_BACKING | (force_share ? CT_OPEN_FORCE_SHARE : 0)};
     int r = ct_image_open(&img, path, &o, err);
     if (r < 0) {
         return r;

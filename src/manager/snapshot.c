@@ -39,6 +39,12 @@ void ctx_init(struct m_ctx *x, struct mgr *m)
 
 void ctx_fini(struct m_ctx *x)
 {
+    if (x->live) {
+        m_probe_set_force_share(false);
+    }
+    free(x->live_dom);
+    mgr_strv_free(x->live_tops, x->nlive_tops);
+    mgr_strv_free(x->inuse, x->ninuse);
     m_cat_free(x->cat);
     m_probes_free(&x->probes);
     mgr_plan_free(x->plan);
@@ -128,6 +134,17 @@ int ctx_verify_domain(struct m_ctx *x, struct m_domain *d, struct ct_err *err)
     char **seen = NULL;
     size_t nseen = 0;
     int r = 0;
+    if (!x->live_checked) {
+        x->live_checked = true;
+        bool running;
+        r = live_domain_running(x->m, d, &running, err);
+        if (r == 0 && running) {
+            r = live_ctx_enter(x, d, err);
+        }
+        if (r < 0) {
+            return r;
+        }
+    }
     for (size_t i = 0; r == 0 && i < d->nd; i++) {
         r = verify_image(x, d, d->disks[i].top, &seen, &nseen, err);
     }
@@ -352,11 +369,17 @@ out:
 int ctx_finish(struct m_ctx *x, bool dry_run, struct mgr_plan **plan_out, struct ct_err *err)
 {
     m_forget_unused_unowned(x->cat);
-    char *sql = cat_sql(x->cat);
-    int r = 0;
     if (!x->plan) {
         x->plan = plan_new("catalog", NULL);
     }
+    if (x->live) {
+        int lr = live_plan(x, err);
+        if (lr < 0) {
+            return lr;
+        }
+    }
+    char *sql = cat_sql(x->cat);
+    int r = 0;
     if (dry_run) {
         plan_add(x->plan, ST_CATALOG, NULL, NULL, NULL, NULL, NULL, 0, 0);
     } else if (x->plan->ns == 0) {
@@ -604,8 +627,9 @@ static int create_core(struct m_ctx *x, struct m_domain *d, const struct mgr_cre
     struct m_snap *s = mgr_xcalloc(1, sizeof(*s));
     s->name = mgr_xstrdup(name);
     s->desc = mgr_xstrdup(o->desc);
-    /* libvirt's state for a snapshot of a shut-off domain, disk-only or not. */
-    s->state = mgr_xstrdup("shutoff");
+    /* libvirt's states: a shut-off domain's snapshots are "shutoff"; a running domain's are
+     * "disk-snapshot" when disk-only, else "running". */
+    s->state = mgr_xstrdup(!x->live ? "shutoff" : o->disk_only ? "disk-snapshot" : "running");
     s->parent = mgr_xstrdup(d->current);
     s->ctime = now;
     s->seq = x->cat->next_seq++;
@@ -1010,6 +1034,14 @@ int mgr_snapshot_revert(struct mgr *m, const char *dom, const char *snap, unsign
     }
     if (r == 0) {
         r = ctx_verify_domain(&x, d, err);
+    }
+    if (r == 0 && x.live) {
+        r = ct_err_set(err, -CT_E_BUSY,
+                       "cannot revert domain %s while it is running: reverting a running domain "
+                       "is not supported yet (the daemon cannot switch a served disk to a "
+                       "snapshot's state and there is no memory state to restore); shut it "
+                       "down, revert, and start it again",
+                       d->name);
     }
     if (r < 0) {
         goto out;
