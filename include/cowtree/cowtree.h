@@ -88,6 +88,22 @@ const char *ct_image_format(const struct ct_image *img);
 /* Next image down the chain (borrowed, valid until close of the top), or NULL. */
 struct ct_image *ct_image_backing(const struct ct_image *img);
 
+/* Switch one layer of an open chain (the top or any backing layer) between read-only and
+ * read-write in place, keeping the chain and every pointer to the layer valid (QEMU's
+ * bdrv_reopen for block-commit's base). Going read-only flushes and clears the dirty bit;
+ * going read-write takes the write lock and repairs a dirty image as an open would. The file
+ * is closed and opened again in between (its lock is briefly released). On failure the layer
+ * is back in its old mode, or, if even that reopen failed, every request on it fails with
+ * -EIO (the message says why). */
+int ct_image_reopen(struct ct_image *img, bool writable, struct ct_err *err);
+
+/* Make `backing` (an open chain, or NULL) img's open backing chain and return the chain it
+ * had (now detached: the caller closes it, or attaches it elsewhere). Touches no file: the
+ * link stored in img is changed separately (ct_image_change_backing); the caller makes sure
+ * the new chain shows what the link names. Used by live jobs to drop committed or streamed
+ * layers and to pivot onto a layer of the chain. */
+struct ct_image *ct_image_swap_backing(struct ct_image *img, struct ct_image *backing);
+
 enum ct_write_flags {
     CT_WRITE_FUA = 1u << 0,   /* durable when the call returns */
     CT_WRITE_UNMAP = 1u << 1, /* pwrite_zeroes may deallocate */

@@ -67,7 +67,14 @@ struct ct_job_opts {
     uint64_t buf_bytes;   /* request size for copying; 0 = 2 MiB (rounded to 64 KiB) */
     ct_job_progress_fn progress;
     ct_job_status_fn on_status;
-    void *opaque; /* for both callbacks */
+    void *opaque; /* for the callbacks */
+    /* Optional I/O lock for jobs on images that others use at the same time (cowtreed passes
+     * the node's lock, so guest requests interleave with the job's): the job holds it while
+     * it works and drops it at every pause point, rate-limit sleep and READY wait, and while
+     * paused. The final phase (prepare/commit/abort/clean, a mirror's pivot) runs with it
+     * held. Both or neither. */
+    void (*io_lock)(void *opaque);
+    void (*io_unlock)(void *opaque);
 };
 
 /* ---- Lifecycle ---- */
@@ -187,5 +194,31 @@ struct ct_copy_opts {
 };
 int ct_job_copy_create(struct ct_job **out, const struct ct_copy_opts *o,
                        const struct ct_job_opts *jo, struct ct_err *err);
+
+/* mirror (QEMU drive-mirror/blockdev-mirror, and the engine of an active block-commit):
+ * make target show src's guest view while src keeps being written.
+ * - The initial copy covers what src's chain decides above `base` (a layer of src's open
+ *   chain; NULL = the whole chain, sync=full), or nothing when sync_none is set. For an active
+ *   commit, base is the commit base and target is that same layer (made writable).
+ * - Every write to src after the job is created must be reported with
+ *   ct_job_mirror_note_write() (with the io lock held); those ranges are copied again.
+ * - Once nothing is left to copy the job is READY (and stays in sync, copying new writes).
+ *   ct_job_complete: a final copy of what is left, a flush of target, then pivot(opaque)
+ *   with the io lock held (the caller switches its users to target); a failing pivot fails
+ *   the job. A cancel (force=false) while READY ends the job successfully without the pivot
+ *   (target is a point-in-time copy); any other cancel ends it as cancelled. */
+struct ct_mirror_opts {
+    struct ct_image *src;
+    struct ct_image *target;
+    struct ct_image *base;
+    bool sync_none;
+    bool target_is_zero; /* target reads as zeros before the copy: zero ranges not written */
+    int (*pivot)(void *opaque, struct ct_err *err);
+    void *pivot_opaque;
+};
+int ct_job_mirror_create(struct ct_job **out, const struct ct_mirror_opts *o,
+                         const struct ct_job_opts *jo, struct ct_err *err);
+/* src changed in [off, off+len): copy it again. Call with the job's io lock held. */
+void ct_job_mirror_note_write(struct ct_job *job, uint64_t off, uint64_t len);
 
 #endif

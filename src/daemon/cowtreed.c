@@ -461,6 +461,7 @@ int main(int argc, char **argv)
     if (nbd_unix) {
         unlink(nbd_unix);
     }
+    blockjob_cancel_all();
     node_close_all();
     if (pidfile) {
         unlink(pidfile);

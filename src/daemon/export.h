@@ -25,6 +25,7 @@ struct node {
      * job marks the range dirty); NULL when no job watches the node. */
     void (*write_hook)(void *opaque, uint64_t off, uint64_t len);
     void *write_hook_opaque;
+    const char *busy_job; /* type of the block job working on the node, or NULL (under lock) */
     struct node *next;
 };
 

@@ -73,15 +73,7 @@ void qmp_event(const char *name, json_object *data)
 
 /* ---- replies ---- */
 
-struct reply {
-    json_object *ret;  /* on success */
-    const char *klass; /* on error */
-    char desc[1024];
-};
-
-static int fail(struct reply *r, const char *klass, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int fail(struct reply *r, const char *klass, const char *fmt, ...)
+int qmp_fail(struct qmp_reply *r, const char *klass, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -91,7 +83,7 @@ static int fail(struct reply *r, const char *klass, const char *fmt, ...)
     return -1;
 }
 
-static const char *arg_str(json_object *args, const char *key)
+const char *qmp_arg_str(json_object *args, const char *key)
 {
     json_object *v;
     if (!args || !json_object_object_get_ex(args, key, &v) ||
@@ -101,7 +93,7 @@ static const char *arg_str(json_object *args, const char *key)
     return json_object_get_string(v);
 }
 
-static bool arg_bool(json_object *args, const char *key, bool def)
+bool qmp_arg_bool(json_object *args, const char *key, bool def)
 {
     json_object *v;
     if (!args || !json_object_object_get_ex(args, key, &v)) {
@@ -111,21 +103,21 @@ static bool arg_bool(json_object *args, const char *key, bool def)
 }
 
 /* device / node-name argument → node */
-static struct node *arg_node(json_object *args, struct reply *r)
+struct node *qmp_arg_node(json_object *args, struct qmp_reply *r)
 {
-    const char *name = arg_str(args, "node-name");
+    const char *name = qmp_arg_str(args, "node-name");
     if (!name) {
-        name = arg_str(args, "device");
+        name = qmp_arg_str(args, "device");
     }
     if (!name) {
-        fail(r, "GenericError", "Cannot find device='' nor node-name=''");
+        qmp_fail(r, "GenericError", "Cannot find device='' nor node-name=''");
         return NULL;
     }
     pthread_mutex_lock(&nodes.lock);
     struct node *n = node_find(name);
     pthread_mutex_unlock(&nodes.lock);
     if (!n) {
-        fail(r, "DeviceNotFound", "Cannot find device='%s' nor node-name='%s'", name, name);
+        qmp_fail(r, "DeviceNotFound", "Cannot find device='%s' nor node-name='%s'", name, name);
     }
     return n;
 }
@@ -168,7 +160,7 @@ static json_object *node_json(struct node *n)
     return o;
 }
 
-static int cmd_query_block(json_object *args, struct reply *r)
+static int cmd_query_block(json_object *args, struct qmp_reply *r)
 {
     json_object *arr = json_object_new_array();
     pthread_mutex_lock(&nodes.lock);
@@ -186,7 +178,7 @@ static int cmd_query_block(json_object *args, struct reply *r)
     return 0;
 }
 
-static int cmd_query_named_block_nodes(json_object *args, struct reply *r)
+static int cmd_query_named_block_nodes(json_object *args, struct qmp_reply *r)
 {
     json_object *arr = json_object_new_array();
     pthread_mutex_lock(&nodes.lock);
@@ -198,44 +190,44 @@ static int cmd_query_named_block_nodes(json_object *args, struct reply *r)
     return 0;
 }
 
-static int cmd_blockdev_add(json_object *args, struct reply *r)
+static int cmd_blockdev_add(json_object *args, struct qmp_reply *r)
 {
     /* {driver: qcow2|raw, node-name, file: FILENAME | {driver: file, filename}, read-only} */
-    const char *name = arg_str(args, "node-name"), *driver = arg_str(args, "driver");
+    const char *name = qmp_arg_str(args, "node-name"), *driver = qmp_arg_str(args, "driver");
     json_object *f;
     const char *file = NULL;
     if (args && json_object_object_get_ex(args, "file", &f)) {
         file = json_object_get_type(f) == json_type_string ? json_object_get_string(f)
-                                                           : arg_str(f, "filename");
+                                                           : qmp_arg_str(f, "filename");
     }
     if (!name || !driver || !file) {
-        return fail(r, "GenericError", "blockdev-add needs driver, node-name and file");
+        return qmp_fail(r, "GenericError", "blockdev-add needs driver, node-name and file");
     }
     struct ct_err err = {0};
-    if (node_add(name, file, driver, !arg_bool(args, "read-only", false), &err) < 0) {
-        return fail(r, "GenericError", "%s", err.msg);
+    if (node_add(name, file, driver, !qmp_arg_bool(args, "read-only", false), &err) < 0) {
+        return qmp_fail(r, "GenericError", "%s", err.msg);
     }
     r->ret = json_object_new_object();
     return 0;
 }
 
-static int cmd_block_export_add(json_object *args, struct reply *r)
+static int cmd_block_export_add(json_object *args, struct qmp_reply *r)
 {
-    const char *type = arg_str(args, "type");
+    const char *type = qmp_arg_str(args, "type");
     if (type && strcmp(type, "nbd") != 0) {
-        return fail(r, "GenericError", "export type '%s' is not supported (only nbd)", type);
+        return qmp_fail(r, "GenericError", "export type '%s' is not supported (only nbd)", type);
     }
-    struct node *n = arg_node(args, r);
+    struct node *n = qmp_arg_node(args, r);
     if (!n) {
         return -1;
     }
-    const char *name = arg_str(args, "name");
+    const char *name = qmp_arg_str(args, "name");
     if (!name) {
         name = n->name;
     }
     struct ct_err err = {0};
-    if (node_export(n, name, arg_bool(args, "writable", false), &err) < 0) {
-        return fail(r, "GenericError", "%s", err.msg);
+    if (node_export(n, name, qmp_arg_bool(args, "writable", false), &err) < 0) {
+        return qmp_fail(r, "GenericError", "%s", err.msg);
     }
     r->ret = json_object_new_object();
     return 0;
@@ -243,11 +235,17 @@ static int cmd_block_export_add(json_object *args, struct reply *r)
 
 /* External snapshot of one node, with its lock held: the new overlay becomes the top. */
 static int snapshot_sync_locked(struct node *n, const char *file, const char *format, bool existing,
-                                struct reply *r, struct ct_image **old_out)
+                                struct qmp_reply *r, struct ct_image **old_out)
 {
     struct ct_err err = {0};
+    if (n->busy_job) {
+        /* The job holds pointers into this chain and follows its own graph change. */
+        return qmp_fail(r, "GenericError",
+                        "Node '%s' is busy: block device is in use by block job: %s", n->name,
+                        n->busy_job);
+    }
     if (ct_image_flush(n->img) < 0) {
-        return fail(r, "GenericError", "flush of '%s' failed before the snapshot", n->name);
+        return qmp_fail(r, "GenericError", "flush of '%s' failed before the snapshot", n->name);
     }
     if (!existing) {
         struct ct_create_opts co = {.format = format,
@@ -257,13 +255,13 @@ static int snapshot_sync_locked(struct node *n, const char *file, const char *fo
                                     .backing_format = n->format,
                                     .no_open_backing = true};
         if (ct_image_create(file, &co, &err) < 0) {
-            return fail(r, "GenericError", "%s", err.msg);
+            return qmp_fail(r, "GenericError", "%s", err.msg);
         }
     }
     /* The old top must be closed before the overlay opens it read-only as its backing. */
     struct ct_image *old = n->img;
     if (ct_image_close(old, &err) < 0) {
-        return fail(r, "GenericError", "closing '%s' failed: %s", n->file, err.msg);
+        return qmp_fail(r, "GenericError", "closing '%s' failed: %s", n->file, err.msg);
     }
     struct ct_image *img;
     struct ct_open_opts o = {.format = format, .flags = CT_OPEN_WRITE};
@@ -277,24 +275,24 @@ static int snapshot_sync_locked(struct node *n, const char *file, const char *fo
         if (!existing) {
             unlink(file);
         }
-        return fail(r, "GenericError", "%s", msg);
+        return qmp_fail(r, "GenericError", "%s", msg);
     }
     (void)old_out;
     node_set_image(n, img, file, format);
     return 0;
 }
 
-static int cmd_blockdev_snapshot_sync(json_object *args, struct reply *r)
+static int cmd_blockdev_snapshot_sync(json_object *args, struct qmp_reply *r)
 {
-    struct node *n = arg_node(args, r);
+    struct node *n = qmp_arg_node(args, r);
     if (!n) {
         return -1;
     }
-    const char *file = arg_str(args, "snapshot-file");
-    const char *format = arg_str(args, "format");
-    const char *mode = arg_str(args, "mode");
+    const char *file = qmp_arg_str(args, "snapshot-file");
+    const char *format = qmp_arg_str(args, "format");
+    const char *mode = qmp_arg_str(args, "mode");
     if (!file) {
-        return fail(r, "GenericError", "Parameter 'snapshot-file' is missing");
+        return qmp_fail(r, "GenericError", "Parameter 'snapshot-file' is missing");
     }
     bool existing = mode && strcmp(mode, "existing") == 0;
     pthread_mutex_lock(&n->lock);
@@ -306,18 +304,18 @@ static int cmd_blockdev_snapshot_sync(json_object *args, struct reply *r)
     return ret;
 }
 
-static int cmd_snapshot_internal(json_object *args, struct reply *r, bool create)
+static int cmd_snapshot_internal(json_object *args, struct qmp_reply *r, bool create)
 {
-    struct node *n = arg_node(args, r);
+    struct node *n = qmp_arg_node(args, r);
     if (!n) {
         return -1;
     }
-    const char *name = arg_str(args, "name"), *id = arg_str(args, "id");
+    const char *name = qmp_arg_str(args, "name"), *id = qmp_arg_str(args, "id");
     if (!name && !(id && !create)) {
-        return fail(r, "GenericError", "Parameter 'name' is missing");
+        return qmp_fail(r, "GenericError", "Parameter 'name' is missing");
     }
     if (create && !*name) {
-        return fail(r, "GenericError", "Name is empty");
+        return qmp_fail(r, "GenericError", "Name is empty");
     }
     struct ct_err err = {0};
     pthread_mutex_lock(&n->lock);
@@ -346,29 +344,23 @@ static int cmd_snapshot_internal(json_object *args, struct reply *r, bool create
     pthread_mutex_unlock(&n->lock);
     if (ret < 0) {
         json_object_put(info);
-        return fail(r, "GenericError", "%s", err.msg);
+        return qmp_fail(r, "GenericError", "%s", err.msg);
     }
     r->ret = info ? info : json_object_new_object();
     return 0;
 }
 
-static int cmd_snapshot_internal_create(json_object *args, struct reply *r)
+static int cmd_snapshot_internal_create(json_object *args, struct qmp_reply *r)
 {
     return cmd_snapshot_internal(args, r, true);
 }
 
-static int cmd_snapshot_internal_delete(json_object *args, struct reply *r)
+static int cmd_snapshot_internal_delete(json_object *args, struct qmp_reply *r)
 {
     return cmd_snapshot_internal(args, r, false);
 }
 
-static int cmd_query_block_jobs(json_object *args, struct reply *r)
-{
-    r->ret = json_object_new_array();
-    return 0;
-}
-
-static int cmd_query_version(json_object *args, struct reply *r)
+static int cmd_query_version(json_object *args, struct qmp_reply *r)
 {
     json_object *q = json_object_new_object();
     json_object_object_add(q, "major", json_object_new_int(7));
@@ -381,16 +373,15 @@ static int cmd_query_version(json_object *args, struct reply *r)
     return 0;
 }
 
-static int cmd_transaction(json_object *args, struct reply *r);
+static int cmd_transaction(json_object *args, struct qmp_reply *r);
 
 static const struct {
     const char *name;
-    int (*fn)(json_object *args, struct reply *r);
+    int (*fn)(json_object *args, struct qmp_reply *r);
 } commands[] = {
     {"query-version", cmd_query_version},
     {"query-block", cmd_query_block},
     {"query-named-block-nodes", cmd_query_named_block_nodes},
-    {"query-block-jobs", cmd_query_block_jobs},
     {"blockdev-add", cmd_blockdev_add},
     {"block-export-add", cmd_block_export_add},
     {"blockdev-snapshot-sync", cmd_blockdev_snapshot_sync},
@@ -405,12 +396,12 @@ static const struct {
  * failure, the ones already done are undone (external: back to the old top and the new file
  * removed; internal: the snapshot deleted).
  */
-static int cmd_transaction(json_object *args, struct reply *r)
+static int cmd_transaction(json_object *args, struct qmp_reply *r)
 {
     json_object *actions;
     if (!args || !json_object_object_get_ex(args, "actions", &actions) ||
         json_object_get_type(actions) != json_type_array) {
-        return fail(r, "GenericError", "Parameter 'actions' is missing");
+        return qmp_fail(r, "GenericError", "Parameter 'actions' is missing");
     }
     size_t n = json_object_array_length(actions);
     struct node **locked = calloc(n + 1, sizeof(*locked));
@@ -422,22 +413,22 @@ static int cmd_transaction(json_object *args, struct reply *r)
     if (!locked || !done) {
         free(locked);
         free(done);
-        return fail(r, "GenericError", "out of memory");
+        return qmp_fail(r, "GenericError", "out of memory");
     }
     size_t nl = 0;
     int ret = 0;
     for (size_t i = 0; i < n && ret == 0; i++) {
         json_object *a = json_object_array_get_idx(actions, i), *data = NULL;
-        const char *type = arg_str(a, "type");
+        const char *type = qmp_arg_str(a, "type");
         json_object_object_get_ex(a, "data", &data);
         if (!type) {
-            ret = fail(r, "GenericError", "action %zu has no type", i);
+            ret = qmp_fail(r, "GenericError", "action %zu has no type", i);
             break;
         }
         if (strcmp(type, "abort") == 0) {
             continue;
         }
-        struct node *nd = arg_node(data, r);
+        struct node *nd = qmp_arg_node(data, r);
         if (!nd) {
             ret = -1;
             break;
@@ -466,18 +457,19 @@ static int cmd_transaction(json_object *args, struct reply *r)
     size_t nd = 0;
     for (size_t i = 0; i < n && ret == 0; i++) {
         json_object *a = json_object_array_get_idx(actions, i), *data = NULL;
-        const char *type = arg_str(a, "type");
+        const char *type = qmp_arg_str(a, "type");
         json_object_object_get_ex(a, "data", &data);
         if (strcmp(type, "abort") == 0) {
-            ret = fail(r, "GenericError", "Transaction aborted using Abort action");
+            ret = qmp_fail(r, "GenericError", "Transaction aborted using Abort action");
             break;
         }
-        struct node *node = arg_node(data, r);
+        struct node *node = qmp_arg_node(data, r);
         if (strcmp(type, "blockdev-snapshot-sync") == 0) {
-            const char *file = arg_str(data, "snapshot-file"), *fmt = arg_str(data, "format");
-            const char *mode = arg_str(data, "mode");
+            const char *file = qmp_arg_str(data, "snapshot-file"),
+                       *fmt = qmp_arg_str(data, "format");
+            const char *mode = qmp_arg_str(data, "mode");
             if (!file) {
-                ret = fail(r, "GenericError", "Parameter 'snapshot-file' is missing");
+                ret = qmp_fail(r, "GenericError", "Parameter 'snapshot-file' is missing");
                 break;
             }
             done[nd].node = node;
@@ -491,15 +483,15 @@ static int cmd_transaction(json_object *args, struct reply *r)
                 nd++;
             }
         } else if (strcmp(type, "blockdev-snapshot-internal-sync") == 0) {
-            const char *name = arg_str(data, "name");
+            const char *name = qmp_arg_str(data, "name");
             struct ct_err err = {0};
             if (!name || !*name) {
-                ret = fail(r, "GenericError", "Name is empty");
+                ret = qmp_fail(r, "GenericError", "Name is empty");
                 break;
             }
             ret = ct_snapshot_create(node->img, name, NULL, &err);
             if (ret < 0) {
-                ret = fail(r, "GenericError", "%s", err.msg);
+                ret = qmp_fail(r, "GenericError", "%s", err.msg);
                 break;
             }
             done[nd].node = node;
@@ -507,7 +499,7 @@ static int cmd_transaction(json_object *args, struct reply *r)
             done[nd].name = strdup(name);
             nd++;
         } else {
-            ret = fail(r, "GenericError", "transaction action '%s' is not supported", type);
+            ret = qmp_fail(r, "GenericError", "transaction action '%s' is not supported", type);
         }
     }
     /* Roll back in reverse order. */
@@ -546,23 +538,24 @@ static int cmd_transaction(json_object *args, struct reply *r)
 static void dispatch(struct client *c, json_object *msg, int *quit)
 {
     json_object *out = json_object_new_object(), *id = NULL, *args = NULL;
-    struct reply r = {0};
-    const char *cmd = arg_str(msg, "execute");
+    struct qmp_reply r = {0};
+    const char *cmd = qmp_arg_str(msg, "execute");
     json_object_object_get_ex(msg, "id", &id);
     json_object_object_get_ex(msg, "arguments", &args);
     if (!cmd) {
-        fail(&r, "GenericError", "QMP input lacks member 'execute'");
+        qmp_fail(&r, "GenericError", "QMP input lacks member 'execute'");
     } else if (!strcmp(cmd, "qmp_capabilities")) {
         if (c->negotiated) {
-            fail(&r, "CommandNotFound",
-                 "Capabilities negotiation is already complete, command "
-                 "ignored");
+            qmp_fail(&r, "CommandNotFound",
+                     "Capabilities negotiation is already complete, command "
+                     "ignored");
         } else {
             c->negotiated = true;
             r.ret = json_object_new_object();
         }
     } else if (!c->negotiated) {
-        fail(&r, "CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'");
+        qmp_fail(&r, "CommandNotFound",
+                 "Expecting capabilities negotiation with 'qmp_capabilities'");
     } else if (!strcmp(cmd, "quit")) {
         *quit = 1;
         r.ret = json_object_new_object();
@@ -574,8 +567,8 @@ static void dispatch(struct client *c, json_object *msg, int *quit)
                 break;
             }
         }
-        if (i == sizeof(commands) / sizeof(commands[0])) {
-            fail(&r, "CommandNotFound", "The command %s has not been found", cmd);
+        if (i == sizeof(commands) / sizeof(commands[0]) && !blockjob_dispatch(cmd, args, &r)) {
+            qmp_fail(&r, "CommandNotFound", "The command %s has not been found", cmd);
         }
     }
     if (r.klass) {
@@ -608,7 +601,7 @@ void qmp_serve(int fd, int *quit)
 
     json_object *greet = json_object_new_object(), *q = json_object_new_object();
     json_object *v;
-    struct reply vr = {0};
+    struct qmp_reply vr = {0};
     cmd_query_version(NULL, &vr);
     v = vr.ret;
     json_object_object_add(q, "version", v);
@@ -639,8 +632,8 @@ void qmp_serve(int fd, int *quit)
             pending = 0;
             if (jerr != json_tokener_success || !msg ||
                 json_object_get_type(msg) != json_type_object) {
-                struct reply r = {0};
-                fail(&r, "GenericError", "JSON parse error");
+                struct qmp_reply r = {0};
+                qmp_fail(&r, "GenericError", "JSON parse error");
                 json_object *out = json_object_new_object(), *e = json_object_new_object();
                 json_object_object_add(e, "class", json_object_new_string(r.klass));
                 json_object_object_add(e, "desc", json_object_new_string(r.desc));

@@ -279,6 +279,172 @@ struct ct_image *ct_image_backing(const struct ct_image *img)
     return img->backing;
 }
 
+struct ct_image *ct_image_swap_backing(struct ct_image *img, struct ct_image *backing)
+{
+    struct ct_image *old = img->backing;
+    img->backing = backing;
+    unsigned d = img->depth + 1;
+    for (struct ct_image *l = backing; l; l = l->backing) {
+        l->depth = d++;
+    }
+    d = 0;
+    for (struct ct_image *l = old; l; l = l->backing) {
+        l->depth = d++;
+    }
+    return old;
+}
+
+/* The driver of a layer that lost its file in a failed reopen: every request fails. */
+static int dead_open(struct ct_image *img, struct ct_err *err)
+{
+    (void)img;
+    return ct_err_set(err, -EIO, "image lost in a failed reopen");
+}
+static int dead_close(struct ct_image *img)
+{
+    (void)img;
+    return 0;
+}
+static int dead_pread(struct ct_image *img, void *buf, uint64_t len, uint64_t off)
+{
+    (void)img, (void)buf, (void)len, (void)off;
+    return -EIO;
+}
+static int dead_pwrite(struct ct_image *img, const void *buf, uint64_t len, uint64_t off)
+{
+    (void)img, (void)buf, (void)len, (void)off;
+    return -EIO;
+}
+static int dead_zeroes(struct ct_image *img, uint64_t len, uint64_t off, unsigned flags)
+{
+    (void)img, (void)len, (void)off, (void)flags;
+    return -EIO;
+}
+static int dead_discard(struct ct_image *img, uint64_t len, uint64_t off)
+{
+    (void)img, (void)len, (void)off;
+    return -EIO;
+}
+static int dead_flush(struct ct_image *img)
+{
+    (void)img;
+    return -EIO;
+}
+static int dead_status(struct ct_image *img, uint64_t off, uint64_t len, struct ct_extent *out)
+{
+    (void)img, (void)off, (void)len, (void)out;
+    return -EIO;
+}
+static int dead_truncate(struct ct_image *img, uint64_t size, bool shrink, struct ct_err *err)
+{
+    (void)img, (void)size, (void)shrink;
+    return ct_err_set(err, -EIO, "image lost in a failed reopen");
+}
+static int dead_info(struct ct_image *img, struct ct_image_info *info)
+{
+    (void)img, (void)info;
+    return -EIO;
+}
+static int dead_check(struct ct_image *img, unsigned fix, struct ct_check_result *res,
+                      ct_check_report_fn report, void *opaque, struct ct_err *err)
+{
+    (void)img, (void)fix, (void)res, (void)report, (void)opaque;
+    return ct_err_set(err, -EIO, "image lost in a failed reopen");
+}
+static const struct ct_driver dead_driver = {
+    .name = "lost",
+    .open = dead_open,
+    .close = dead_close,
+    .pread = dead_pread,
+    .pwrite = dead_pwrite,
+    .pwrite_zeroes = dead_zeroes,
+    .discard = dead_discard,
+    .flush = dead_flush,
+    .block_status = dead_status,
+    .truncate = dead_truncate,
+    .info = dead_info,
+    .check = dead_check,
+};
+
+/* Open img's file again in the mode `writable` and parse it with drv (backing chain kept). */
+static int reopen_as(struct ct_image *img, const struct ct_driver *drv, bool writable,
+                     struct ct_err *err)
+{
+    int r = ct_file_open(&img->file, img->filename, writable ? CT_FILE_WRITE : 0, err);
+    if (r < 0) {
+        img->file = NULL;
+        return r;
+    }
+    if (!(img->flags & CT_OPEN_FORCE_SHARE)) {
+        r = ct_file_lock(img->file, writable, err);
+    }
+    img->writable = writable;
+    img->flags = writable ? img->flags | CT_OPEN_WRITE : img->flags & ~(unsigned)CT_OPEN_WRITE;
+    free(img->backing_name);
+    free(img->backing_format);
+    img->backing_name = img->backing_format = NULL;
+    if (r == 0) {
+        img->drv = drv;
+        r = drv->open(img, err);
+        if (r < 0) {
+            img->drv = NULL;
+        }
+    }
+    if (r == 0 && drv->post_open) {
+        r = drv->post_open(img, err);
+        if (r < 0) {
+            drv->close(img);
+            img->drv = NULL;
+        }
+    }
+    if (r < 0) {
+        ct_file_close(img->file);
+        img->file = NULL;
+    }
+    return r;
+}
+
+int ct_image_reopen(struct ct_image *img, bool writable, struct ct_err *err)
+{
+    if (img->writable == writable) {
+        return 0;
+    }
+    if (writable && (img->flags & CT_OPEN_FORCE_SHARE)) {
+        return ct_err_set(err, -EINVAL, "%s: opened with force-share, cannot be made writable",
+                          img->filename);
+    }
+    if (img->drv == &dead_driver) {
+        return ct_err_set(err, -EIO, "%s: image lost in a failed reopen", img->filename);
+    }
+    const struct ct_driver *drv = img->drv;
+    bool was = img->writable;
+    /* Going read-only: close flushes and clears the dirty bit; a failure keeps the mode. */
+    int r = drv->close(img);
+    if (r < 0) {
+        ct_err_set(err, r, "%s: flush before reopen failed: %s", img->filename, ct_strerror(r));
+    }
+    ct_file_close(img->file);
+    img->file = NULL;
+    if (r == 0) {
+        r = reopen_as(img, drv, writable, err);
+        if (r == 0) {
+            return 0;
+        }
+        ct_err_prefix(err, "Could not reopen '%s' %s: ", img->filename,
+                      writable ? "read-write" : "read-only");
+    }
+    struct ct_err back = {0};
+    if (reopen_as(img, drv, was, &back) == 0) {
+        return r;
+    }
+    img->drv = &dead_driver;
+    img->drv_state = NULL;
+    image_poison(img, -EIO);
+    snprintf(img->poison_msg, sizeof(img->poison_msg), "%.200s: lost in a failed reopen: %.250s",
+             img->filename, back.msg);
+    return r;
+}
+
 const char *ct_image_last_error(const struct ct_image *img)
 {
     for (const struct ct_image *l = img; l; l = l->backing) {

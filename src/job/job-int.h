@@ -55,6 +55,12 @@ void job_progress_update(struct ct_job *job, uint64_t bytes);
  * returns 1, finish without the switch-over, as QEMU's mirror) or a hard cancel (-ECANCELED).
  * Pause requests while waiting move to STANDBY and back. */
 int job_ready_wait(struct ct_job *job);
+/* The same, but also returns 2 after timeout_ns (0 = no timeout) or once job_kick() is called,
+ * so that a READY job can go on copying (mirror) and wait again. */
+int job_ready_wait_timeout(struct ct_job *job, uint64_t timeout_ns);
+/* Wake a job waiting in job_ready_wait_timeout. Takes job->lock:
+ * callers may hold the io lock, not job->lock. */
+void job_kick(struct ct_job *job);
 
 /* Rate limiting arithmetic (pure, for tests): a 100 ms slice with a quota of speed/10 bytes.
  * Returns the delay in ns to wait after dispatching bytes at now_ns. */

@@ -35,6 +35,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -54,6 +55,9 @@ struct ct_job {
     ct_job_progress_fn progress_cb;
     ct_job_status_fn status_cb;
     void *cb_opaque;
+    void (*io_lock)(void *opaque);
+    void (*io_unlock)(void *opaque);
+    bool io_held; /* the job's thread holds the io lock (only that thread touches this) */
     bool auto_finalize, auto_dismiss;
 
     pthread_mutex_t lock;
@@ -65,6 +69,7 @@ struct ct_job {
     bool soft_cancelled;  /* cancel(force=false) while READY */
     bool complete_req;    /* ct_job_complete called */
     unsigned kick;        /* bumped by speed changes, to wake rate-limit sleeps */
+    unsigned wake;        /* bumped by job_kick, to wake a READY wait */
     uint64_t speed;
     struct job_ratelimit rl;
     uint64_t done, total;
@@ -189,6 +194,10 @@ int job_create(struct ct_job **out, const struct job_driver *drv, void *opaque,
     job->progress_cb = opts->progress;
     job->status_cb = opts->on_status;
     job->cb_opaque = opts->opaque;
+    if (opts->io_lock && opts->io_unlock) {
+        job->io_lock = opts->io_lock;
+        job->io_unlock = opts->io_unlock;
+    }
     job->auto_finalize = !opts->manual_finalize;
     job->auto_dismiss = !opts->manual_dismiss;
     job->speed = opts->speed;
@@ -233,6 +242,23 @@ void ct_job_free(struct ct_job *job)
     pthread_mutex_destroy(&job->lock);
     free(job->id);
     free(job);
+}
+
+/* The caller's I/O lock (ct_job_opts.io_lock): held by the job while it works. */
+static void io_lock(struct ct_job *job)
+{
+    if (job->io_lock) {
+        job->io_lock(job->cb_opaque);
+        job->io_held = true;
+    }
+}
+
+static void io_unlock(struct ct_job *job)
+{
+    if (job->io_unlock) {
+        job->io_held = false;
+        job->io_unlock(job->cb_opaque);
+    }
 }
 
 /* ---- the final phase (J3): called without the lock ---- */
@@ -317,6 +343,7 @@ int ct_job_run(struct ct_job *job, struct ct_err *err)
     pthread_mutex_unlock(&job->lock);
 
     struct ct_err rerr = {0};
+    io_lock(job);
     int r = job->drv->run(job, &rerr);
 
     pthread_mutex_lock(&job->lock);
@@ -329,6 +356,7 @@ int ct_job_run(struct ct_job *job, struct ct_err *err)
         set_status(job, CT_JOB_STATUS_ABORTING);
         pthread_mutex_unlock(&job->lock);
         abort_phase(job);
+        io_unlock(job);
         return ct_job_result(job, err);
     }
     set_status(job, CT_JOB_STATUS_WAITING);
@@ -339,6 +367,7 @@ int ct_job_run(struct ct_job *job, struct ct_err *err)
     if (fin) {
         finalize_phase(job);
     }
+    io_unlock(job);
     return ct_job_result(job, err);
 }
 
@@ -350,7 +379,9 @@ int ct_job_finalize(struct ct_job *job, struct ct_err *err)
     if (r < 0) {
         return r;
     }
+    io_lock(job);
     finalize_phase(job);
+    io_unlock(job);
     return ct_job_result(job, err);
 }
 
@@ -376,7 +407,9 @@ int ct_job_cancel(struct ct_job *job, bool force, struct ct_err *err)
     }
     pthread_mutex_unlock(&job->lock);
     if (run_abort) {
+        io_lock(job);
         abort_phase(job);
+        io_unlock(job);
     }
     return r;
 }
@@ -522,14 +555,32 @@ static void pause_locked(struct ct_job *job, enum ct_job_status paused_as, enum 
         return;
     }
     set_status(job, paused_as);
+    /* Paused jobs hold no I/O lock. Lock order is io lock, then job->lock: drop ours first. */
+    bool relock = job->io_held;
+    if (relock) {
+        pthread_mutex_unlock(&job->lock);
+        io_unlock(job);
+        pthread_mutex_lock(&job->lock);
+    }
     while (job->pause_count > 0 && !job->cancelled) {
         pthread_cond_wait(&job->cond, &job->lock);
+    }
+    if (relock) {
+        pthread_mutex_unlock(&job->lock);
+        io_lock(job);
+        pthread_mutex_lock(&job->lock);
     }
     set_status(job, back);
 }
 
 int job_pause_point(struct ct_job *job)
 {
+    /* Let the other users of the images in (cowtreed: guest requests on the node). */
+    if (job->io_held) {
+        io_unlock(job);
+        sched_yield();
+        io_lock(job);
+    }
     pthread_mutex_lock(&job->lock);
     if (job->status == CT_JOB_STATUS_READY) {
         pause_locked(job, CT_JOB_STATUS_STANDBY, CT_JOB_STATUS_READY);
@@ -579,6 +630,12 @@ int job_ratelimit(struct ct_job *job, uint64_t bytes)
 {
     pthread_mutex_lock(&job->lock);
     uint64_t delay = job_ratelimit_delay(&job->rl, job->speed, now_ns(), bytes);
+    bool relock = delay && job->io_held;
+    if (relock) {
+        pthread_mutex_unlock(&job->lock);
+        io_unlock(job);
+        pthread_mutex_lock(&job->lock);
+    }
     if (delay) {
         uint64_t deadline = now_ns() + delay;
         unsigned kick = job->kick;
@@ -597,6 +654,9 @@ int job_ratelimit(struct ct_job *job, uint64_t bytes)
     }
     int r = job->cancelled ? -ECANCELED : 0;
     pthread_mutex_unlock(&job->lock);
+    if (relock) {
+        io_lock(job);
+    }
     return r;
 }
 
@@ -627,12 +687,20 @@ void job_progress_update(struct ct_job *job, uint64_t bytes)
     }
 }
 
-int job_ready_wait(struct ct_job *job)
+int job_ready_wait_timeout(struct ct_job *job, uint64_t timeout_ns)
 {
+    bool relock = job->io_held;
+    if (relock) {
+        io_unlock(job); /* a READY job waits without the io lock */
+    }
     pthread_mutex_lock(&job->lock);
     if (job->status == CT_JOB_STATUS_RUNNING && !job->cancelled) {
         set_status(job, CT_JOB_STATUS_READY);
     }
+    uint64_t deadline = timeout_ns ? now_ns() + timeout_ns : 0;
+    struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000ull),
+                          .tv_nsec = (long)(deadline % 1000000000ull)};
+    unsigned wake = job->wake;
     int r = 0;
     for (;;) {
         if (job->cancelled) {
@@ -650,8 +718,32 @@ int job_ready_wait(struct ct_job *job)
             pause_locked(job, CT_JOB_STATUS_STANDBY, CT_JOB_STATUS_READY);
             continue;
         }
-        pthread_cond_wait(&job->cond, &job->lock);
+        if (deadline && (job->wake != wake || now_ns() >= deadline)) {
+            r = 2;
+            break;
+        }
+        if (deadline) {
+            pthread_cond_timedwait(&job->cond, &job->lock, &ts);
+        } else {
+            pthread_cond_wait(&job->cond, &job->lock);
+        }
     }
     pthread_mutex_unlock(&job->lock);
+    if (relock) {
+        io_lock(job);
+    }
     return r;
+}
+
+int job_ready_wait(struct ct_job *job)
+{
+    return job_ready_wait_timeout(job, 0);
+}
+
+void job_kick(struct ct_job *job)
+{
+    pthread_mutex_lock(&job->lock);
+    job->wake++;
+    pthread_cond_broadcast(&job->cond);
+    pthread_mutex_unlock(&job->lock);
 }
