@@ -642,6 +642,15 @@ int mgr_reconcile(struct mgr *m, const char *dom, bool fix, struct mgr_finding *
     if (r == 0 && !d) {
         r = ct_err_set(err, -ENOENT, "Domain not found: no domain with matching name '%s'", dom);
     }
+    bool running = false;
+    if (r == 0) {
+        r = live_domain_running(m, d, &running, err);
+    }
+    if (r == 0 && running) {
+        /* The daemon has the files open: read them without locks. */
+        x.live_checked = true;
+        r = live_ctx_enter(&x, d, err);
+    }
     if (r < 0) {
         ctx_fini(&x);
         return r;

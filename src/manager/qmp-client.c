@@ -130,6 +130,9 @@ static int read_object(struct qmp *q, int64_t deadline, json_object **out, struc
             if (errno == EINTR || errno == EAGAIN) {
                 continue;
             }
+            if (errno == ECONNRESET) {
+                return ct_err_set(err, -EPIPE, "QMP: the daemon closed the connection");
+            }
             return ct_err_set(err, -errno, "QMP: read: %s", strerror(errno));
         }
         if (n == 0) {

@@ -19,7 +19,7 @@ N = 0
 
 def fingerprint(env):
     h = hashlib.sha256()
-    for dom in [d["name"] for d in env.json("list")]:
+    for dom in [d["name"] for d in env.json("list", "--all")]:
         for args in (["snapshot-list", dom], ["domblklist", dom], ["images", dom],
                      ["dominfo", dom]):
             h.update(env.run(*(args + ["--output=json"])).stdout.encode())

@@ -175,7 +175,7 @@ def define_xml(env):
     lst = env.run("list", "--all").stdout.splitlines()
     expect(lst[0].split() == ["Id", "Name", "State"], lst)
     expect(any(ln.split()[:2] == ["-", "fromxml"] for ln in lst[2:] if ln.strip()), lst)
-    names = env.json("list")
+    names = env.json("list", "--all")
     expect({d["name"] for d in names} >= {"fromxml", "t"}, names)
     expect(isinstance(names[0]["snapshots"], int), names)
     dom = env.run("dominfo", "fromxml").stdout
