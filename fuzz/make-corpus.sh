@@ -2,6 +2,8 @@
 # Regenerate the fuzzing seed corpora:
 #   tests/fuzz/corpus-open/   small qcow2 images made by qemu-img/qemu-io (each < 300 KiB)
 #   tests/fuzz/corpus-write/  operation scripts for fuzz-write (fuzz/make-write-seeds.py)
+#   tests/fuzz/corpus-{nbd,qmp,xml}/  client streams, QMP sessions, libvirt XML documents for
+#                             fuzz-nbd, fuzz-qmp, fuzz-xml (fuzz/make-proto-seeds.py)
 #
 # usage: fuzz/make-corpus.sh [TOP]     (needs qemu-img, qemu-io, python3)
 # Images hold fixed patterns; qemu-img stamps snapshot dates, so a rerun changes a few bytes of
@@ -157,3 +159,9 @@ mkdir -p "$wout"
 rm -f "$wout"/seed-*
 python3 "$top/fuzz/make-write-seeds.py" "$wout"
 echo "$(ls "$wout" | wc -l) fuzz-write seeds in $wout"
+
+# Client streams, QMP sessions and libvirt documents for fuzz-nbd, fuzz-qmp and fuzz-xml.
+python3 "$top/fuzz/make-proto-seeds.py" "$top"
+for t in nbd qmp xml; do
+    echo "$(ls "$top/tests/fuzz/corpus-$t" | wc -l) fuzz-$t seeds in $top/tests/fuzz/corpus-$t"
+done

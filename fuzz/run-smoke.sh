@@ -27,7 +27,7 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1:allocator_ma
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(fuzz-open fuzz-write)
+[ ${#targets[@]} -gt 0 ] || targets=(fuzz-open fuzz-write fuzz-nbd fuzz-qmp fuzz-xml)
 
 if [ ! -f "$build/build.ninja" ]; then
     CC=clang meson setup "$build" -Dfuzzing=true -Db_sanitize=address,undefined \
@@ -40,6 +40,8 @@ max_len() {
     case "$1" in
     fuzz-open) echo 307200 ;; # seed images are < 300 KiB
     fuzz-write) echo 2048 ;;  # 8-byte header + up to 96 operations of <= 8 bytes
+    fuzz-nbd) echo 70000 ;;   # room for one option just over the 64 KiB option limit
+    fuzz-qmp | fuzz-xml) echo 16384 ;;
     *) echo 65536 ;;
     esac
 }

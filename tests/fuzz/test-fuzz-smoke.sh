@@ -21,7 +21,7 @@ if [ ! -f "$build/build.ninja" ]; then
     CC=clang meson setup "$build" -Dfuzzing=true -Db_sanitize=address,undefined \
         -Db_lundef=false >/dev/null || { echo "FAIL: meson setup of $build failed"; exit 1; }
 fi
-targets=(fuzz-open fuzz-write)
+targets=(fuzz-open fuzz-write fuzz-nbd fuzz-qmp fuzz-xml)
 ninja -C "$build" $(printf 'fuzz/%s ' "${targets[@]}") >/dev/null ||
     { echo "FAIL: building the fuzz targets failed"; exit 1; }
 
@@ -63,7 +63,12 @@ FUZZ_AVOID=$(grep -v '^#' "$top/fuzz/known-bugs.txt" 2>/dev/null | awk 'NF { pri
              paste -sd, -)
 export FUZZ_AVOID
 for t in "${targets[@]}"; do
-    case "$t" in fuzz-open) ml=307200 ;; *) ml=2048 ;; esac
+    case "$t" in
+    fuzz-open) ml=307200 ;;
+    fuzz-nbd) ml=70000 ;;
+    fuzz-qmp | fuzz-xml) ml=16384 ;;
+    *) ml=2048 ;;
+    esac
     mkdir -p "$tmp/corpus-$t" "$tmp/art-$t"
     dict=()
     [ -f "$top/fuzz/$t.dict" ] && dict=(-dict="$top/fuzz/$t.dict")
