@@ -656,7 +656,18 @@ void qmp_serve(int fd, int *quit)
             }
         }
         if (pending > QMP_MAX_MESSAGE) {
-            break; /* one message larger than the limit: drop the client */
+            /* One message larger than the limit: say why, then drop the client (the rest of
+             * the message cannot be told from the next one). */
+            json_object *out = json_object_new_object(), *e = json_object_new_object();
+            json_object_object_add(e, "class", json_object_new_string("GenericError"));
+            json_object_object_add(e, "desc",
+                                   json_object_new_string("QMP message larger than the limit of "
+                                                          "1 MiB (1048576 bytes): closing the "
+                                                          "connection"));
+            json_object_object_add(out, "error", e);
+            send_json(c, out);
+            json_object_put(out);
+            break;
         }
     }
     json_tokener_free(tok);

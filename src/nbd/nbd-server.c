@@ -468,6 +468,19 @@ static int reply_status(struct conn *c, uint64_t cookie, int err)
     return chunk(c, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, b, sizeof(b), NULL, 0);
 }
 
+/* An error reply that says why (the message goes out only with structured replies). */
+static int reply_error_msg(struct conn *c, uint64_t cookie, int err, const char *msg)
+{
+    if (!c->structured) {
+        return reply_status(c, cookie, err);
+    }
+    uint8_t b[6];
+    uint16_t n = (uint16_t)strlen(msg);
+    st_be32(b, wire_errno(err));
+    st_be16(b + 4, n);
+    return chunk(c, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, b, sizeof(b), msg, n);
+}
+
 static int do_block_status(struct conn *c, uint64_t cookie, uint64_t off, uint32_t len,
                            uint16_t flags)
 {
@@ -556,11 +569,15 @@ static int transmit(struct conn *c)
             break;
         }
         if ((type == NBD_CMD_READ || type == NBD_CMD_WRITE) && len > NBD_MAX_REQUEST) {
+            char msg[96];
+            snprintf(msg, sizeof(msg), "request of %u bytes is larger than the limit of %u bytes",
+                     (unsigned)len, NBD_MAX_REQUEST);
+            r = reply_error_msg(c, cookie, -EOVERFLOW, msg);
             if (type == NBD_CMD_WRITE) {
-                r = -EPROTO; /* cannot skip an oversized payload safely */
+                /* Its payload cannot be skipped safely: hang up after the error. */
+                r = -EPROTO;
                 break;
             }
-            r = reply_status(c, cookie, -EOVERFLOW);
             if (r < 0) {
                 break;
             }
