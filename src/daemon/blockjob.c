@@ -639,6 +639,76 @@ static int pivot_to_target(void *opaque, struct ct_err *err)
     return 0;
 }
 
+/* blockdev-mirror: the target is a node added with blockdev-add (writable, not exported). It
+ * leaves the node list when the job starts: the job owns its image, the device's node reads
+ * from it after the pivot, a cancel closes it. */
+static int cmd_blockdev_mirror(json_object *args, struct qmp_reply *r)
+{
+    struct ct_job_opts jo;
+    const char *target = qmp_arg_str(args, "target");
+    const char *sync = qmp_arg_str(args, "sync");
+    if (!target) {
+        return qmp_fail(r, "GenericError", "Parameter 'target' is missing");
+    }
+    if (!sync || (strcmp(sync, "full") && strcmp(sync, "top"))) {
+        return qmp_fail(r, "GenericError",
+                        sync ? "Parameter 'sync' does not accept value '%s' (full or top)"
+                             : "Parameter 'sync' is missing%s",
+                        sync ? sync : "");
+    }
+    pthread_mutex_lock(&jobs_lock);
+    struct node *src = qmp_arg_node(args, r);
+    if (!src) {
+        pthread_mutex_unlock(&jobs_lock);
+        return -1;
+    }
+    if (!strcmp(src->name, target)) {
+        pthread_mutex_unlock(&jobs_lock);
+        return qmp_fail(r, "GenericError", "cannot mirror '%s' onto itself", target);
+    }
+    struct ct_image *timg;
+    struct ct_err err = {0};
+    if (node_take(target, &timg, &err) < 0) {
+        pthread_mutex_unlock(&jobs_lock);
+        return qmp_fail(r, err.code == -ENOENT ? "DeviceNotFound" : "GenericError", "%s", err.msg);
+    }
+    struct djob *d = new_djob(args, "mirror", &jo, r);
+    if (!d) {
+        ct_image_close(timg, NULL);
+        pthread_mutex_unlock(&jobs_lock);
+        return -1;
+    }
+    struct node *n = d->node;
+    d->target = timg;
+    if (ct_image_size(timg) != ct_image_size(n->img)) {
+        qmp_fail(r, "GenericError", "Source and target image have different sizes");
+        goto fail;
+    }
+    struct ct_mirror_opts mo = {.src = n->img,
+                                .target = timg,
+                                .base = !strcmp(sync, "top") ? ct_image_backing(n->img) : NULL,
+                                .pivot = pivot_to_target,
+                                .pivot_opaque = d};
+    if (ct_job_mirror_create(&d->job, &mo, &jo, &err) < 0) {
+        qmp_fail(r, "GenericError", "%s", err.msg);
+        goto fail;
+    }
+    n->write_hook = mirror_write_hook;
+    n->write_hook_opaque = d->job;
+    pthread_mutex_unlock(&n->lock);
+    int ret = start_job(d, r);
+    if (ret < 0) {
+        pthread_mutex_lock(&n->lock);
+        drop_djob(d);
+    }
+    pthread_mutex_unlock(&jobs_lock);
+    return ret;
+fail:
+    drop_djob(d);
+    pthread_mutex_unlock(&jobs_lock);
+    return -1;
+}
+
 static int cmd_drive_mirror(json_object *args, struct qmp_reply *r)
 {
     struct ct_job_opts jo;
@@ -946,15 +1016,25 @@ static const struct {
     const char *name;
     int (*fn)(json_object *args, struct qmp_reply *r);
 } job_commands[] = {
-    {"block-commit", cmd_block_commit},   {"block-stream", cmd_block_stream},
-    {"drive-mirror", cmd_drive_mirror},   {"query-block-jobs", cmd_query_block_jobs},
-    {"query-jobs", cmd_query_jobs},       {"block-job-cancel", cmd_cancel},
-    {"block-job-pause", cmd_pause},       {"block-job-resume", cmd_resume},
-    {"block-job-complete", cmd_complete}, {"block-job-set-speed", cmd_set_speed},
-    {"block-job-finalize", cmd_finalize}, {"block-job-dismiss", cmd_dismiss},
-    {"job-cancel", cmd_job_cancel},       {"job-pause", cmd_job_pause},
-    {"job-resume", cmd_job_resume},       {"job-complete", cmd_job_complete},
-    {"job-finalize", cmd_finalize},       {"job-dismiss", cmd_dismiss},
+    {"block-commit", cmd_block_commit},
+    {"block-stream", cmd_block_stream},
+    {"drive-mirror", cmd_drive_mirror},
+    {"blockdev-mirror", cmd_blockdev_mirror},
+    {"query-block-jobs", cmd_query_block_jobs},
+    {"query-jobs", cmd_query_jobs},
+    {"block-job-cancel", cmd_cancel},
+    {"block-job-pause", cmd_pause},
+    {"block-job-resume", cmd_resume},
+    {"block-job-complete", cmd_complete},
+    {"block-job-set-speed", cmd_set_speed},
+    {"block-job-finalize", cmd_finalize},
+    {"block-job-dismiss", cmd_dismiss},
+    {"job-cancel", cmd_job_cancel},
+    {"job-pause", cmd_job_pause},
+    {"job-resume", cmd_job_resume},
+    {"job-complete", cmd_job_complete},
+    {"job-finalize", cmd_finalize},
+    {"job-dismiss", cmd_dismiss},
 };
 
 bool blockjob_dispatch(const char *cmd, json_object *args, struct qmp_reply *r)

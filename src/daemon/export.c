@@ -195,6 +195,43 @@ void node_set_image(struct node *n, struct ct_image *img, const char *file, cons
     n->format = strdup(format);
 }
 
+int node_take(const char *name, struct ct_image **img, struct ct_err *err)
+{
+    pthread_mutex_lock(&nodes.lock);
+    struct node **pp = &nodes.head;
+    while (*pp && strcmp((*pp)->name, name) != 0) {
+        pp = &(*pp)->next;
+    }
+    struct node *n = *pp;
+    int r = 0;
+    if (!n) {
+        r = ct_err_set(err, -ENOENT, "Cannot find device='%s' nor node-name='%s'", name, name);
+    } else if (n->exp.name || n->users) {
+        r = ct_err_set(err, -EBUSY, "node '%s' is exported: it cannot be a mirror target", name);
+    } else if (!n->writable) {
+        r = ct_err_set(err, -EROFS, "node '%s' is read-only", name);
+    } else {
+        pthread_mutex_lock(&n->lock);
+        if (n->busy_job) {
+            r = ct_err_set(err, -EBUSY,
+                           "Node '%s' is busy: block device is in use by block job: %s", name,
+                           n->busy_job);
+        }
+        pthread_mutex_unlock(&n->lock);
+    }
+    if (r == 0) {
+        *pp = n->next;
+        *img = n->img;
+        pthread_mutex_destroy(&n->lock);
+        free(n->name);
+        free(n->file);
+        free(n->format);
+        free(n);
+    }
+    pthread_mutex_unlock(&nodes.lock);
+    return r;
+}
+
 void node_close_all(void)
 {
     pthread_mutex_lock(&nodes.lock);

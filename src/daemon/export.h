@@ -51,6 +51,9 @@ int node_export(struct node *n, const char *export_name, bool writable, struct c
 /* Swap the node's image for another one (snapshot, pivot); caller holds n->lock. */
 void node_set_image(struct node *n, struct ct_image *img, const char *file, const char *format);
 void node_close_all(void);
+/* Take a node's image out of the table (blockdev-mirror's target): the node must exist, be
+ * writable, not exported and not busy. The node is gone afterwards; *img is the caller's. */
+int node_take(const char *name, struct ct_image **img, struct ct_err *err);
 
 extern const struct nbd_exports node_exports;
 

@@ -417,6 +417,26 @@ def sc_mirror_top(s):
     s.finish(tgt, ["copy.qcow2", "mid.qcow2", "base.qcow2"])
 
 
+def sc_blockdev_mirror(s):
+    tgt = os.path.join(s.d, "copy.qcow2")
+    s.extra = (tgt,)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, str(SIZE)])
+    s.q.cmd("blockdev-add", driver="qcow2", **{"node-name": "tgt",
+                                               "file": {"driver": "file", "filename": tgt}})
+    s.q.error("blockdev-mirror", device="vda", target="nosuchnode", sync="full",
+              **{"job-id": "j9x"})
+    s.q.cmd("blockdev-mirror", device="vda", target="tgt", sync="full", **{"job-id": "j9"})
+    s.q.wait_event("BLOCK_JOB_READY", lambda d: d["device"] == "j9")
+    s.nbd_write(batch_for(22, 20))
+    s.q.cmd("block-job-complete", device="j9")
+    d = s.q.wait_event("BLOCK_JOB_COMPLETED", lambda d: d["device"] == "j9")
+    if "error" in d:
+        raise Failure("blockdev-mirror failed: %s" % d)
+    s.nbd_write(batch_for(23, 10))
+    s.verify_export("after blockdev-mirror pivot")
+    s.finish(tgt, ["copy.qcow2"])
+
+
 def sc_mirror_cancel_ready(s):
     tgt = os.path.join(s.d, "copy.qcow2")
     s.extra = (tgt,)
@@ -510,6 +530,7 @@ SCENARIOS = [
     ("stream-all", sc_stream_all),
     ("mirror-full", sc_mirror_full),
     ("mirror-top", sc_mirror_top),
+    ("blockdev-mirror", sc_blockdev_mirror),
     ("mirror-cancel-ready", sc_mirror_cancel_ready),
     ("cancel-midway", sc_cancel_midway),
     ("kill-midway", sc_kill_midway),
