@@ -1788,7 +1788,8 @@ static int cmd_snapshot_unprotect(int argc, char **argv)
 struct block_args {
     struct mgr_block_opts o;
     unsigned flags;
-    bool json, bytes;
+    bool json, bytes, async, abort, info;
+    bool bandwidth_given;
     uint64_t bandwidth;
     const char *dest;
 };
@@ -1804,8 +1805,10 @@ static int block_parse(int argc, char **argv, const char *usage, struct block_ar
                                        {"pivot", no_argument, NULL, 'P'},
                                        {"finish", no_argument, NULL, 'F'},
                                        {"keep-overlay", no_argument, NULL, 'K'},
-                                       {"wait", no_argument, NULL, 'w'},
-                                       {"async", no_argument, NULL, 'w'},
+                                       {"wait", no_argument, NULL, 'W' + 256},
+                                       {"async", no_argument, NULL, 'a' + 256},
+                                       {"abort", no_argument, NULL, 'b' + 256},
+                                       {"info", no_argument, NULL, 'i' + 256},
                                        {"verbose", no_argument, NULL, 'v'},
                                        {"timeout", required_argument, NULL, 'T'},
                                        {"keep-relative", no_argument, NULL, 'w'},
@@ -1840,17 +1843,30 @@ static int block_parse(int argc, char **argv, const char *usage, struct block_ar
             a->o.delete_layers = true;
             break;
         case 'A':
+            a->o.active = true;
             break;
         case 'P':
             a->o.pivot = true;
             break;
         case 'F':
             a->o.pivot = false;
+            a->o.finish = true;
             break;
         case 'K':
-            cli_error("error: --keep-overlay needs a running domain; offline, a commit always "
-                      "pivots to the base");
-            return EXIT_USAGE;
+            a->o.keep_overlay = true;
+            break;
+        case 'W' + 256:
+            a->o.wait = true;
+            break;
+        case 'a' + 256:
+            a->async = true;
+            break;
+        case 'b' + 256:
+            a->abort = true;
+            break;
+        case 'i' + 256:
+            a->info = true;
+            break;
         case 'w':
             break;
         case 'v':
@@ -1866,6 +1882,7 @@ static int block_parse(int argc, char **argv, const char *usage, struct block_ar
                 return EXIT_USAGE;
             }
             a->bandwidth = v;
+            a->bandwidth_given = true;
             break;
         }
         case 'y':
@@ -1929,6 +1946,103 @@ static uint64_t speed_of(const struct block_args *a)
     return a->bytes ? a->bandwidth : a->bandwidth << 20;
 }
 
+/* virsh's messages for a live job's outcome. */
+static void job_result(int r, const char *what, bool pivot)
+{
+    switch (r) {
+    case MGR_JOB_STARTED:
+        printf("Block %s started\n", what);
+        break;
+    case MGR_JOB_SYNCED:
+        printf("\nNow in synchronized phase\n");
+        break;
+    case MGR_JOB_DONE:
+        printf("\n%s\n", pivot                       ? "Successfully pivoted"
+                         : strcmp(what, "Copy") == 0 ? "Successfully copied"
+                         : strcmp(what, "Pull") == 0 ? "Pull complete"
+                                                     : "Commit complete");
+        break;
+    default:
+        printf("\n%s\n", strcmp(what, "Copy") == 0 ? "Successfully copied"
+                                                   : "Commit complete, overlay image kept");
+        break;
+    }
+}
+
+static int cmd_blockjob(int argc, char **argv)
+{
+    static const char usage[] = "blockjob DOM DISK [--info] [--abort [--async]] [--pivot] "
+                                "[--bandwidth N [--bytes]] [--raw]";
+    struct block_args a = {0};
+    const char *dom, *disk, *extra;
+    int rc = block_parse(argc, argv, usage, &a, &dom, &disk, &extra);
+    if (rc) {
+        return rc;
+    }
+    if (extra || (a.abort && a.o.pivot)) {
+        return usage_error("blockjob", usage);
+    }
+    if ((rc = open_mgr(false, 0)) != 0) {
+        return rc;
+    }
+    struct ct_err err = {0};
+    int r;
+    if (a.bandwidth_given) {
+        r = mgr_blockjob_set_speed(mgr, dom, disk, speed_of(&a), &err);
+        if (r < 0) {
+            return fail(r, &err);
+        }
+        if (!a.abort && !a.o.pivot && !a.info) {
+            return 0;
+        }
+    }
+    if (a.abort || a.o.pivot) {
+        r = mgr_blockjob_end(mgr, dom, disk, a.o.pivot, a.async, &err);
+        if (r < 0) {
+            return fail(r, &err);
+        }
+        if (a.o.pivot) {
+            printf("\nSuccessfully pivoted\n");
+        }
+        return 0;
+    }
+    struct mgr_jobinfo ji;
+    r = mgr_blockjob_info(mgr, dom, disk, &ji, &err);
+    if (r < 0) {
+        return fail(r, &err);
+    }
+    if (a.json) {
+        json_object *o = json_object_new_object();
+        json_object_object_add(o, "active", json_object_new_boolean(ji.exists));
+        if (ji.exists) {
+            json_object_object_add(o, "type", jstr(ji.type));
+            json_object_object_add(o, "status", jstr(ji.status));
+            json_object_object_add(o, "cur", json_object_new_int64((int64_t)ji.offset));
+            json_object_object_add(o, "end", json_object_new_int64((int64_t)ji.len));
+            json_object_object_add(o, "bandwidth", json_object_new_int64((int64_t)ji.speed));
+            json_object_object_add(o, "ready", json_object_new_boolean(ji.ready));
+        }
+        print_json(o);
+        return 0;
+    }
+    if (!ji.exists) {
+        printf("No current block job for %s\n\n", disk);
+        return 0;
+    }
+    const char *label = strcmp(ji.type, "pull") == 0            ? "Block Pull"
+                        : strcmp(ji.type, "copy") == 0          ? "Block Copy"
+                        : strcmp(ji.type, "active-commit") == 0 ? "Active Block Commit"
+                                                                : "Block Commit";
+    unsigned pct = ji.len ? (unsigned)(ji.offset * 100 / ji.len) : 0;
+    printf("%s: [%3u %%]", label, pct);
+    if (ji.speed) {
+        printf("    Bandwidth limit: %llu bytes/s (%.3f MiB/s)", (unsigned long long)ji.speed,
+               ji.speed / 1048576.0);
+    }
+    printf("\n\n");
+    return 0;
+}
+
 static int cmd_blockcommit(int argc, char **argv)
 {
     static const char usage[] = "blockcommit DOM DISK [--base PATH | --shallow] [--top PATH] "
@@ -1953,7 +2067,9 @@ static int cmd_blockcommit(int argc, char **argv)
         mgr_plan_free(plan);
         return fail(r, &err);
     }
-    if ((a.flags & MGR_DRY_RUN) || a.json) {
+    if (r > 0) {
+        job_result(r, "Commit", a.o.pivot);
+    } else if ((a.flags & MGR_DRY_RUN) || a.json) {
         print_plan(plan, "blockcommit", dom, a.flags & MGR_DRY_RUN, a.json);
     } else {
         printf("\nCommit complete\n");
@@ -1985,7 +2101,9 @@ static int cmd_blockpull(int argc, char **argv)
         mgr_plan_free(plan);
         return fail(r, &err);
     }
-    if ((a.flags & MGR_DRY_RUN) || a.json) {
+    if (r > 0) {
+        job_result(r, "Pull", false);
+    } else if ((a.flags & MGR_DRY_RUN) || a.json) {
         print_plan(plan, "blockpull", dom, a.flags & MGR_DRY_RUN, a.json);
     } else {
         printf("\nPull complete\n");
@@ -2022,7 +2140,9 @@ static int cmd_blockcopy(int argc, char **argv)
         mgr_plan_free(plan);
         return fail(r, &err);
     }
-    if ((a.flags & MGR_DRY_RUN) || a.json) {
+    if (r > 0) {
+        job_result(r, "Copy", a.o.pivot);
+    } else if ((a.flags & MGR_DRY_RUN) || a.json) {
         print_plan(plan, "blockcopy", dom, a.flags & MGR_DRY_RUN, a.json);
     } else {
         printf("\n%s\n", a.o.pivot ? "Successfully pivoted" : "Successfully copied");
@@ -2216,6 +2336,8 @@ static const struct {
     {"blockcopy", cmd_blockcopy,
      "blockcopy DOM DISK DEST [--shallow] [--reuse-external] [--format raw|qcow2] "
      "[--pivot | --finish] [--wait] [--verbose] [--bandwidth MiB] [--dry-run]"},
+    {"blockjob", cmd_blockjob,
+     "blockjob DOM DISK [--info] [--abort [--async]] [--pivot] [--bandwidth N [--bytes]]"},
     {"clone", cmd_clone, "clone DOM SNAPSHOT NEWDOM [--flatten]"},
     {"reconcile", cmd_reconcile, "reconcile DOM [--fix] [--output=json]"},
     {"recover", cmd_recover, "recover   (finish operations a killed cowtree left unfinished)"},

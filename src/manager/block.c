@@ -19,7 +19,7 @@
 #include "util/err.h"
 
 static int load(struct m_ctx *x, const char *dom, const char *disk, struct m_domain **d,
-                struct m_disk **k, struct ct_err *err)
+                struct m_disk **k, unsigned flags, struct ct_err *err)
 {
     int r = cat_load(x->m, &x->cat, err);
     if (r < 0) {
@@ -35,7 +35,33 @@ static int load(struct m_ctx *x, const char *dom, const char *disk, struct m_dom
             return ct_err_set(err, -ENOENT, "domain %s has no disk '%s'", dom, disk);
         }
     }
+    if (flags & MGR_LIVE_DONE) {
+        /* The daemon's job already changed the files: the catalog describes them as they were
+         * when it started. Read them without locks; the daemon has them open. */
+        x->live_checked = true;
+        return live_ctx_enter(x, *d, err);
+    }
     return ctx_verify_domain(x, *d, err);
+}
+
+/* End of a block job's planning: run it offline, start it in the daemon, or (MGR_LIVE_DONE)
+ * record what the daemon's job did. */
+static int block_finish(struct m_ctx *x, struct m_domain *d, struct m_disk *k, enum live_job_op op,
+                        const struct mgr_block_opts *o, unsigned flags, struct mgr_plan **plan_out,
+                        struct ct_err *err)
+{
+    if (flags & MGR_LIVE_DONE) {
+        return live_job_done_finish(x, plan_out, err);
+    }
+    if (x->live && !(flags & MGR_DRY_RUN)) {
+        return live_job_begin(x, d, k, op, o, err);
+    }
+    if (x->live) {
+        x->live = false; /* a dry run shows the plan as the offline job would run it */
+        m_probe_set_force_share(false);
+        plan_note(x->plan, "the domain is running: the daemon would move the data live");
+    }
+    return ctx_finish(x, (flags & MGR_DRY_RUN) != 0, plan_out, err);
 }
 
 /* The disk's chain from the top down, as the catalog has it. */
@@ -173,7 +199,7 @@ int mgr_blockcommit(struct mgr *m, const char *dom, const char *disk,
     struct m_disk *k;
     char **chain = NULL, **V = NULL, **keep = NULL;
     size_t n = 0, nv = 0, nkeep = 0;
-    int r = load(&x, dom, disk, &d, &k, err);
+    int r = load(&x, dom, disk, &d, &k, flags, err);
     if (r < 0) {
         goto out;
     }
@@ -293,7 +319,7 @@ int mgr_blockcommit(struct mgr *m, const char *dom, const char *disk,
         m_retarget(x.cat, l, NULL); /* snapshot overlay names that named it */
     }
     m_forget_unused_unowned(x.cat);
-    r = ctx_finish(&x, (flags & MGR_DRY_RUN) != 0, plan_out, err);
+    r = block_finish(&x, d, k, LJ_COMMIT, o, flags, plan_out, err);
 out:
     mgr_strv_free(chain, n);
     mgr_strv_free(V, nv);
@@ -311,7 +337,7 @@ int mgr_blockpull(struct mgr *m, const char *dom, const char *disk, const struct
     struct m_disk *k;
     char **chain = NULL;
     size_t n = 0;
-    int r = load(&x, dom, disk, &d, &k, err);
+    int r = load(&x, dom, disk, &d, &k, flags, err);
     if (r < 0) {
         goto out;
     }
@@ -385,7 +411,7 @@ int mgr_blockpull(struct mgr *m, const char *dom, const char *disk, const struct
     free(old);
     m_forget_unused_unowned(x.cat);
     if (r == 0) {
-        r = ctx_finish(&x, (flags & MGR_DRY_RUN) != 0, plan_out, err);
+        r = block_finish(&x, d, k, LJ_PULL, o, flags, plan_out, err);
     }
 out:
     mgr_strv_free(chain, n);
@@ -403,7 +429,7 @@ int mgr_blockcopy(struct mgr *m, const char *dom, const char *disk, const struct
     char **chain = NULL;
     size_t n = 0;
     char *dest = NULL;
-    int r = load(&x, dom, disk, &d, &k, err);
+    int r = load(&x, dom, disk, &d, &k, flags, err);
     if (r < 0) {
         goto out;
     }
@@ -440,7 +466,7 @@ int mgr_blockcopy(struct mgr *m, const char *dom, const char *disk, const struct
         } else if (dp->size < m_probe_get(&x.probes, k->top, k->format, NULL)->size) {
             r = ct_err_set(err, -EINVAL, "'%s' is smaller than the disk", dest);
         }
-    } else if (mgr_file_exists(dest)) {
+    } else if (mgr_file_exists(dest) && !(flags & MGR_LIVE_DONE)) {
         r = ct_err_set(err, -EEXIST, "'%s' already exists (use --reuse-external)", dest);
     }
     if (r < 0) {
@@ -467,7 +493,7 @@ int mgr_blockcopy(struct mgr *m, const char *dom, const char *disk, const struct
         m_forget_unused_unowned(x.cat);
     }
     if (r == 0) {
-        r = ctx_finish(&x, (flags & MGR_DRY_RUN) != 0, plan_out, err);
+        r = block_finish(&x, d, k, LJ_COPY, o, flags, plan_out, err);
     }
 out:
     free(dest);
@@ -485,7 +511,7 @@ int mgr_clone(struct mgr *m, const char *dom, const char *snap, const char *newd
     struct m_disk *unused;
     int r = mgr_check_name("domain", newdom, err);
     if (r == 0) {
-        r = load(&x, dom, NULL, &d, &unused, err);
+        r = load(&x, dom, NULL, &d, &unused, 0, err);
     }
     struct m_snap *s = r == 0 ? m_snap_find(d, snap) : NULL;
     if (r == 0 && !s) {

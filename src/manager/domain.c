@@ -34,6 +34,9 @@ int mgr_open(struct mgr **out, const struct mgr_opts *opts, struct ct_err *err)
     if (r == 0 && !opts->no_recover) {
         r = journal_recover(m, NULL, err);
     }
+    if (r == 0 && !opts->no_recover) {
+        r = live_jobs_sync(m, err);
+    }
     if (r < 0) {
         mgr_close(m);
         return r;

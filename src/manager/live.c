@@ -1043,7 +1043,710 @@ int live_step_undo(struct mgr *m, const struct m_step *s, struct ct_err *err)
     return run_actions(m, s, true, err);
 }
 
+/* ---- live block jobs ----
+ *
+ * A job is started by a journaled plan: [ST_LIVE "job" step (the QMP command; already done
+ * when the daemon lists the job id), catalog step (snapshots the job invalidates, and the
+ * livejobs row)]. The job runs in the daemon with auto-dismiss off, so its end (and error)
+ * stays visible until a cowtree command sees it: the one that waits, `blockjob`, or any
+ * later command (mgr_open -> live_jobs_sync). Its end is recorded by planning the same
+ * operation again as the offline verb would (MGR_LIVE_DONE), minus the steps whose work the
+ * job did: the catalog change, removals (--delete) and the livejobs row deletion commit in
+ * one journaled plan. An aborted or failed job only loses its row (the invalidations made at
+ * its start stay true: a commit writes into its base from its first byte).
+ */
+
+struct jobrow {
+    char *dom, *target, *job, *type;
+    json_object *args;
+};
+
+static void jobrow_fini(struct jobrow *jr)
+{
+    free(jr->dom);
+    free(jr->target);
+    free(jr->job);
+    free(jr->type);
+    json_object_put(jr->args);
+    memset(jr, 0, sizeof(*jr));
+}
+
+static int jobrows(struct mgr *m, const char *dom, const char *target, struct jobrow **v, size_t *n,
+                   struct ct_err *err)
+{
+    *v = NULL;
+    *n = 0;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(m->db,
+                           "SELECT domain, target, job, type, args FROM livejobs WHERE "
+                           "(?1 IS NULL OR domain=?1) AND (?2 IS NULL OR target=?2)",
+                           -1, &st, NULL) != SQLITE_OK) {
+        return ct_err_set(err, -EIO, "catalog: %s", sqlite3_errmsg(m->db));
+    }
+    if (dom) {
+        sqlite3_bind_text(st, 1, dom, -1, SQLITE_TRANSIENT);
+    }
+    if (target) {
+        sqlite3_bind_text(st, 2, target, -1, SQLITE_TRANSIENT);
+    }
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        *v = mgr_xrealloc(*v, (*n + 1) * sizeof(**v));
+        struct jobrow *jr = &(*v)[(*n)++];
+        jr->dom = mgr_xstrdup((const char *)sqlite3_column_text(st, 0));
+        jr->target = mgr_xstrdup((const char *)sqlite3_column_text(st, 1));
+        jr->job = mgr_xstrdup((const char *)sqlite3_column_text(st, 2));
+        jr->type = mgr_xstrdup((const char *)sqlite3_column_text(st, 3));
+        jr->args = json_tokener_parse((const char *)sqlite3_column_text(st, 4));
+        if (!jr->args) {
+            jr->args = json_object_new_object();
+        }
+    }
+    sqlite3_finalize(st);
+    return 0;
+}
+
+static void jobrows_free(struct jobrow *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        jobrow_fini(&v[i]);
+    }
+    free(v);
+}
+
+static int jobrow_find(struct mgr *m, const char *dom, const char *target, struct jobrow *out,
+                       bool *found, struct ct_err *err)
+{
+    struct jobrow *v;
+    size_t n;
+    *found = false;
+    memset(out, 0, sizeof(*out));
+    int r = jobrows(m, dom, target, &v, &n, err);
+    if (r == 0 && n > 0) {
+        *out = v[0];
+        memset(&v[0], 0, sizeof(v[0]));
+        *found = true;
+    }
+    jobrows_free(v, n);
+    return r;
+}
+
+static int jobrow_note_sent(struct mgr *m, struct jobrow *jr, const char *sent, struct ct_err *err)
+{
+    json_object_object_add(jr->args, "sent", json_object_new_string(sent));
+    char *sql = sqlite3_mprintf("UPDATE livejobs SET args=%Q WHERE domain=%Q AND target=%Q",
+                                json_object_to_json_string_ext(jr->args, JSON_C_TO_STRING_PLAIN),
+                                jr->dom, jr->target);
+    int r = cat_exec(m, sql, err);
+    sqlite3_free(sql);
+    return r;
+}
+
+static char *jobrow_delete_sql(const struct jobrow *jr)
+{
+    char *q =
+        sqlite3_mprintf("DELETE FROM livejobs WHERE domain=%Q AND target=%Q;", jr->dom, jr->target);
+    char *s = mgr_xstrdup(q);
+    sqlite3_free(q);
+    return s;
+}
+
+static const char *job_what(const char *type)
+{
+    return mgr_streq(type, "pull") ? "pull" : mgr_streq(type, "copy") ? "copy" : "commit";
+}
+
+/* The job as query-block-jobs shows it; *found false when the daemon does not list it. */
+static int job_query(struct mgr *m, const char *id, struct mgr_jobinfo *ji, char **error,
+                     struct ct_err *err)
+{
+    memset(ji, 0, sizeof(*ji));
+    if (error) {
+        *error = NULL;
+    }
+    json_object *ret = NULL;
+    int r = qmp_execute(m->qmp, "query-block-jobs", NULL, &ret, err);
+    if (r < 0) {
+        if (r == -EPIPE) {
+            live_drop(m);
+        }
+        return r;
+    }
+    size_t len = json_object_is_type(ret, json_type_array) ? json_object_array_length(ret) : 0;
+    for (size_t i = 0; i < len; i++) {
+        json_object *o = json_object_array_get_idx(ret, i);
+        if (!mgr_streq(qmp_str(o, "device"), id)) {
+            continue;
+        }
+        ji->exists = true;
+        snprintf(ji->type, sizeof(ji->type), "%s", qmp_str(o, "type") ? qmp_str(o, "type") : "");
+        snprintf(ji->status, sizeof(ji->status), "%s",
+                 qmp_str(o, "status") ? qmp_str(o, "status") : "running");
+        ji->offset = (uint64_t)qmp_int(o, "offset", 0);
+        ji->len = (uint64_t)qmp_int(o, "len", 0);
+        ji->speed = (uint64_t)qmp_int(o, "speed", 0);
+        ji->ready = qmp_bool(o, "ready", false);
+        if (error && qmp_str(o, "error")) {
+            *error = mgr_xstrdup(qmp_str(o, "error"));
+        }
+    }
+    json_object_put(ret);
+    return 0;
+}
+
+enum outcome { OUT_SUCCESS, OUT_ABORTED, OUT_FAILED };
+
+static char *done_sql; /* the livejobs row deletion for live_job_done_finish */
+
+/* Record the end of the job (see the section comment). */
+static int conclude(struct mgr *m, struct jobrow *jr, enum outcome oc, const char *why,
+                    struct ct_err *err)
+{
+    if (oc != OUT_SUCCESS) {
+        char *sql = jobrow_delete_sql(jr);
+        int r = cat_exec_txn(m, sql, err);
+        free(sql);
+        if (r == 0 && oc == OUT_FAILED && mgr_streq(jr->type, "copy") &&
+            !qmp_bool(jr->args, "reuse", false) && qmp_str(jr->args, "dest")) {
+            (void)mgr_unlink(qmp_str(jr->args, "dest"), NULL); /* a partial copy we made */
+        }
+        if (r == 0 && oc == OUT_FAILED) {
+            r = ct_err_set(err, -EIO, "block %s job on disk %s failed: %s", job_what(jr->type),
+                           jr->target, why ? why : "unknown error");
+        }
+        return r;
+    }
+    struct mgr_block_opts o = {
+        .base = qmp_str(jr->args, "base"),
+        .top = qmp_str(jr->args, "top"),
+        .shallow = qmp_bool(jr->args, "shallow", false),
+        .delete_layers = qmp_bool(jr->args, "delete", false),
+        .force = true,
+        .dest = qmp_str(jr->args, "dest"),
+        .format = qmp_str(jr->args, "format"),
+        .reuse_external = qmp_bool(jr->args, "reuse", false),
+        .pivot = true,
+    };
+    done_sql = jobrow_delete_sql(jr);
+    int r;
+    if (mgr_streq(jr->type, "pull")) {
+        r = mgr_blockpull(m, jr->dom, jr->target, &o, MGR_LIVE_DONE, NULL, err);
+    } else if (mgr_streq(jr->type, "copy")) {
+        r = mgr_blockcopy(m, jr->dom, jr->target, &o, MGR_LIVE_DONE, NULL, err);
+    } else {
+        r = mgr_blockcommit(m, jr->dom, jr->target, &o, MGR_LIVE_DONE, NULL, err);
+    }
+    free(done_sql);
+    done_sql = NULL;
+    if (r < 0) {
+        ct_err_prefix(err, "the block job ended but its result could not be recorded: ");
+    }
+    return r;
+}
+
+int live_job_done_finish(struct m_ctx *x, struct mgr_plan **plan_out, struct ct_err *err)
+{
+    struct mgr_plan *p = x->plan;
+    size_t j = 0;
+    int r = 0;
+    for (size_t i = 0; i < p->ns; i++) {
+        struct m_step *s = &p->steps[i];
+        bool drop = s->kind == ST_COMMIT || s->kind == ST_COPY ||
+                    (s->kind == ST_PULL && is_live_top(x, s->a)) ||
+                    (s->kind == ST_REBASE && in_list(x->inuse, x->ninuse, s->a));
+        if (!drop && r == 0 && s->kind != ST_CATALOG && in_list(x->inuse, x->ninuse, s->a) &&
+            s->kind != ST_CREATE_OVERLAY) {
+            r = refuse(x, "change", s->a, err);
+        }
+        if (drop) {
+            step_clear(s);
+            continue;
+        }
+        p->steps[j++] = *s;
+    }
+    p->ns = j;
+    if (r < 0) {
+        return r;
+    }
+    x->live = false;
+    m_probe_set_force_share(false);
+    x->extra_sql = mgr_xstrdup(done_sql);
+    return ctx_finish(x, false, plan_out, err);
+}
+
+enum follow_mode { F_END, F_SYNC, F_PIVOT, F_ABORT_READY };
+
+static void progress(struct mgr *m, const char *type, uint64_t done, uint64_t total, int *last)
+{
+    int pct = total ? (int)(done * 100 / total) : 100;
+    if (pct == *last || !m->opts.progress) {
+        return;
+    }
+    *last = pct;
+    m->opts.progress(m->opts.opaque, job_what(type), done, total ? total : 1);
+}
+
+/* Follow the job to the point mode asks for, with the home lock released meanwhile. */
+static int follow(struct mgr *m, struct jobrow *jr, enum follow_mode mode, struct ct_err *err)
+{
+    static const char *const names[] = {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
+                                        "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", NULL};
+    int last = -1, r = 0;
+    bool acted = false, concluded = false;
+    char *why = NULL;
+    flock(m->lock_fd, LOCK_UN);
+    for (;;) {
+        json_object *ev = NULL;
+        r = qmp_wait_event(m->qmp, names, jr->job, 250, &ev, err);
+        if (r == -ETIMEDOUT) {
+            r = 0;
+        }
+        if (r < 0) {
+            break;
+        }
+        if (ev) {
+            const char *name = qmp_str(ev, "event");
+            json_object *data = NULL;
+            json_object_object_get_ex(ev, "data", &data);
+            if (mgr_streq(name, "BLOCK_JOB_COMPLETED") || mgr_streq(name, "BLOCK_JOB_CANCELLED")) {
+                concluded = true;
+                if (qmp_str(data, "error")) {
+                    free(why);
+                    why = mgr_xstrdup(qmp_str(data, "error"));
+                }
+                if (mgr_streq(name, "BLOCK_JOB_CANCELLED") &&
+                    !mgr_streq(qmp_str(jr->args, "sent"), "cancel")) {
+                    free(why);
+                    why = mgr_xstrdup("cancelled");
+                }
+            }
+            json_object_put(ev);
+        }
+        struct mgr_jobinfo ji;
+        char *qerr = NULL;
+        r = job_query(m, jr->job, &ji, &qerr, err);
+        if (r < 0) {
+            break;
+        }
+        if (!ji.exists || strcmp(ji.status, "concluded") == 0 || strcmp(ji.status, "null") == 0) {
+            if (!ji.exists && !why && !concluded) {
+                why = mgr_xstrdup("the daemon lost the job");
+            }
+            concluded = true;
+            if (qerr && !why) {
+                why = qerr;
+                qerr = NULL;
+            }
+        } else {
+            progress(m, jr->type, ji.offset, ji.len, &last);
+        }
+        free(qerr);
+        if (concluded) {
+            break;
+        }
+        if (ji.ready && !acted) {
+            if (mode == F_SYNC) {
+                progress(m, jr->type, ji.len, ji.len, &last);
+                flock(m->lock_fd, LOCK_EX);
+                free(why);
+                return MGR_JOB_SYNCED;
+            }
+            if (mode == F_PIVOT || mode == F_ABORT_READY) {
+                progress(m, jr->type, ji.len, ji.len, &last);
+                flock(m->lock_fd, LOCK_EX);
+                r = jobrow_note_sent(m, jr, mode == F_PIVOT ? "complete" : "cancel", err);
+                flock(m->lock_fd, LOCK_UN);
+                json_object *a = json_object_new_object();
+                json_object_object_add(a, "device", json_object_new_string(jr->job));
+                if (r == 0) {
+                    r = qmp_execute(m->qmp,
+                                    mode == F_PIVOT ? "block-job-complete" : "block-job-cancel", a,
+                                    NULL, err);
+                } else {
+                    json_object_put(a);
+                }
+                if (r < 0) {
+                    break;
+                }
+                acted = true;
+            }
+        }
+    }
+    flock(m->lock_fd, LOCK_EX);
+    if (r < 0) {
+        free(why);
+        if (r == -EPIPE) {
+            ct_err_prefix(err, "the daemon died during the block job: ");
+        }
+        return r;
+    }
+    /* Someone else may have recorded the end while the lock was free. */
+    struct jobrow cur;
+    bool found;
+    r = jobrow_find(m, jr->dom, jr->target, &cur, &found, err);
+    if (r < 0 || !found) {
+        free(why);
+        return r < 0 ? r : MGR_JOB_DONE;
+    }
+    bool cancelled = mgr_streq(qmp_str(cur.args, "sent"), "cancel");
+    enum outcome oc = why && !cancelled ? OUT_FAILED : cancelled ? OUT_ABORTED : OUT_SUCCESS;
+    if (last < 100 && oc == OUT_SUCCESS) {
+        progress(m, jr->type, 1, 1, &last);
+    }
+    r = conclude(m, &cur, oc, why, err);
+    if (r == 0 || oc == OUT_FAILED) {
+        /* Dismissed only once recorded: until then the next command finds it concluded. */
+        json_object *a = json_object_new_object();
+        json_object_object_add(a, "id", json_object_new_string(jr->job));
+        struct ct_err e2 = {0};
+        (void)qmp_execute(m->qmp, "job-dismiss", a, NULL, &e2);
+    }
+    jobrow_fini(&cur);
+    free(why);
+    return r < 0 ? r : oc == OUT_SUCCESS ? MGR_JOB_DONE : MGR_JOB_ABORTED;
+}
+
 int live_job_step(struct mgr *m, const struct m_step *s, struct ct_err *err)
 {
-    return ct_err_set(err, -ENOTSUP, "live block jobs are not implemented yet");
+    json_object *o = json_tokener_parse(s->a);
+    if (!o) {
+        return ct_err_set(err, -CT_E_CORRUPT, "journal: malformed live job step");
+    }
+    int r = live_connect(m, err);
+    if (r == 0) {
+        r = ct_err_set(err, -EPIPE, "the daemon is not running: the block job was not started");
+    }
+    json_object *args = NULL;
+    json_object_object_get_ex(o, "arguments", &args);
+    struct mgr_jobinfo ji;
+    if (r > 0) {
+        r = job_query(m, qmp_str(args, "job-id"), &ji, NULL, err);
+    }
+    if (r == 0 && !ji.exists) {
+        r = qmp_execute(m->qmp, qmp_str(o, "execute"), json_object_get(args), NULL, err);
+    }
+    json_object_put(o);
+    return r < 0 ? r : 0;
+}
+
+/* Snapshots the model marks invalid that the catalog still has valid. */
+static char *invalidation_sql(struct m_ctx *x, struct m_domain *d)
+{
+    struct m_cat *old = NULL;
+    struct sbuf b = {0};
+    if (cat_load(x->m, &old, NULL) < 0) {
+        return sb_steal(&b);
+    }
+    struct m_domain *od = m_domain_find(old, d->name);
+    for (size_t i = 0; od && i < d->ns; i++) {
+        struct m_snap *os = m_snap_find(od, d->snaps[i]->name);
+        if (os && os->valid && !d->snaps[i]->valid) {
+            char *q = sqlite3_mprintf("UPDATE snapshots SET valid=0 WHERE domain=%Q AND name=%Q;\n",
+                                      d->name, os->name);
+            sb_adds(&b, q);
+            sqlite3_free(q);
+        }
+    }
+    m_cat_free(old);
+    return sb_steal(&b);
+}
+
+int live_job_begin(struct m_ctx *x, struct m_domain *d, struct m_disk *k, enum live_job_op op,
+                   const struct mgr_block_opts *o, struct ct_err *err)
+{
+    struct mgr *m = x->m;
+    size_t di = (size_t)(k - d->disks);
+    const char *livetop = di < x->nlive_tops ? x->live_tops[di] : k->top;
+    if (live_jobs_pending(m, d->name)) {
+        struct jobrow jr;
+        bool found;
+        if (jobrow_find(m, d->name, k->target, &jr, &found, err) == 0 && found) {
+            jobrow_fini(&jr);
+            return ct_err_set(err, -CT_E_BUSY,
+                              "disk %s already has an active block job (see `cowtree blockjob "
+                              "%s %s`)",
+                              k->target, d->name, k->target);
+        }
+    }
+    struct live_node *v = NULL;
+    size_t n = 0;
+    int r = live_nodes(m, &v, &n, err);
+    if (r < 0) {
+        return r;
+    }
+    struct live_node *ln = node_of_file(v, n, livetop);
+    if (!ln) {
+        nodes_free(v, n);
+        return ct_err_set(err, -ENODEV, "'%s' is not open in the daemon", livetop);
+    }
+    char *nodebase = node_name_for(d->name, k->target);
+    char *job = mgr_xasprintf("j%s", nodebase);
+    free(nodebase);
+    json_object *args = json_object_new_object();
+    json_object_object_add(args, "job-id", json_object_new_string(job));
+    json_object_object_add(args, "device", json_object_new_string(ln->name));
+    if (m->opts.speed) {
+        json_object_object_add(args, "speed", json_object_new_int64((int64_t)m->opts.speed));
+    }
+    json_object_object_add(args, "auto-dismiss", json_object_new_boolean(0));
+    json_object *row = json_object_new_object();
+    const char *cmd = NULL, *type = NULL;
+    enum follow_mode mode = F_END;
+    bool wait = o->wait;
+    const struct m_step *first = NULL, *last = NULL;
+    for (size_t i = 0; i < x->plan->ns; i++) {
+        enum m_step_kind want = op == LJ_COMMIT ? ST_COMMIT : op == LJ_PULL ? ST_PULL : ST_COPY;
+        if (x->plan->steps[i].kind == want) {
+            if (!first) {
+                first = &x->plan->steps[i];
+            }
+            last = &x->plan->steps[i];
+        }
+    }
+    if (!first) {
+        r = ct_err_set(err, -EINVAL, "nothing for the daemon to do");
+    } else if (op == LJ_COMMIT) {
+        const char *top = last->a, *base = first->b;
+        bool active = strcmp(top, livetop) == 0;
+        cmd = "block-commit";
+        type = active ? "active-commit" : "commit";
+        if (active && !o->active && !o->pivot && !o->keep_overlay) {
+            r = ct_err_set(err, -EINVAL,
+                           "'%s' is the active layer of running domain %s: committing it needs "
+                           "--active (a two-phase commit ended by --pivot or --keep-overlay)",
+                           top, d->name);
+        }
+        if (!active) {
+            json_object_object_add(args, "top", json_object_new_string(top));
+        }
+        json_object_object_add(args, "base", json_object_new_string(base));
+        mode = active ? (o->pivot ? F_PIVOT : o->keep_overlay ? F_ABORT_READY : F_SYNC) : F_END;
+        wait |= o->pivot || o->keep_overlay;
+        json_object_object_add(row, "top", json_object_new_string(top));
+        json_object_object_add(row, "base", json_object_new_string(base));
+    } else if (op == LJ_PULL) {
+        cmd = "block-stream";
+        type = "pull";
+        if (first->b) {
+            json_object_object_add(args, "base", json_object_new_string(first->b));
+            json_object_object_add(row, "base", json_object_new_string(first->b));
+        }
+    } else {
+        cmd = "drive-mirror";
+        type = "copy";
+        json_object_object_add(args, "target", json_object_new_string(first->b));
+        json_object_object_add(args, "format", json_object_new_string(first->c));
+        json_object_object_add(args, "sync", json_object_new_string(first->d ? "top" : "full"));
+        json_object_object_add(args, "mode",
+                               json_object_new_string(first->n ? "existing" : "absolute-paths"));
+        json_object_object_add(row, "dest", json_object_new_string(first->b));
+        json_object_object_add(row, "format", json_object_new_string(first->c));
+        json_object_object_add(row, "reuse", json_object_new_boolean(first->n != 0));
+        mode = o->pivot ? F_PIVOT : o->finish ? F_ABORT_READY : F_SYNC;
+        wait |= o->pivot || o->finish;
+    }
+    nodes_free(v, n);
+    json_object_object_add(row, "shallow", json_object_new_boolean(o->shallow));
+    json_object_object_add(row, "delete", json_object_new_boolean(o->delete_layers));
+    if (r < 0) {
+        json_object_put(args);
+        json_object_put(row);
+        free(job);
+        return r;
+    }
+    /* Journal: start the job, then record it with the invalidations it makes. */
+    json_object *call = json_object_new_object();
+    json_object_object_add(call, "execute", json_object_new_string(cmd));
+    json_object_object_add(call, "arguments", args);
+    struct mgr_plan *p = plan_new(op == LJ_COMMIT ? "blockcommit"
+                                  : op == LJ_PULL ? "blockpull"
+                                                  : "blockcopy",
+                                  d->name);
+    plan_add(p, ST_LIVE, json_object_to_json_string_ext(call, JSON_C_TO_STRING_PLAIN), NULL, "job",
+             NULL, NULL, 0, 0);
+    char *inv = invalidation_sql(x, d);
+    char *ins = sqlite3_mprintf(
+        "INSERT OR REPLACE INTO livejobs(domain, target, job, type, args, started) VALUES(%Q, "
+        "%Q, %Q, %Q, %Q, %lld)",
+        d->name, k->target, job, type, json_object_to_json_string_ext(row, JSON_C_TO_STRING_PLAIN),
+        (long long)time(NULL));
+    char *sql = mgr_xasprintf("%s%s;", inv, ins);
+    sqlite3_free(ins);
+    free(inv);
+    json_object_put(call);
+    r = plan_run(m, p, sql, err);
+    free(sql);
+    mgr_plan_free(p);
+    json_object_put(row);
+    if (r < 0) {
+        free(job);
+        return r;
+    }
+    if (!wait) {
+        free(job);
+        return MGR_JOB_STARTED;
+    }
+    struct jobrow jr;
+    bool found;
+    r = jobrow_find(m, d->name, k->target, &jr, &found, err);
+    if (r == 0 && found) {
+        r = follow(m, &jr, mode, err);
+    }
+    jobrow_fini(&jr);
+    free(job);
+    return r;
+}
+
+static int job_of(struct mgr *m, const char *dom, const char *disk, struct jobrow *jr,
+                  struct ct_err *err)
+{
+    struct m_cat *cat;
+    struct m_domain *d;
+    int r = load_dom(m, dom, &cat, &d, err);
+    if (r < 0) {
+        return r;
+    }
+    struct m_disk *k = m_disk_find(d, disk);
+    char *target = k ? mgr_xstrdup(k->target) : NULL;
+    m_cat_free(cat);
+    if (!target) {
+        return ct_err_set(err, -ENOENT, "domain %s has no disk '%s'", dom, disk);
+    }
+    bool found;
+    r = jobrow_find(m, dom, target, jr, &found, err);
+    if (r == 0 && !found) {
+        r = ct_err_set(err, -ENOENT, "No current block job for %s", target);
+    }
+    free(target);
+    if (r == 0) {
+        r = live_connect(m, err);
+        if (r == 0) {
+            r = ct_err_set(err, -EPIPE, "the daemon is not running");
+        }
+        r = r > 0 ? 0 : r;
+    }
+    if (r < 0) {
+        jobrow_fini(jr);
+    }
+    return r;
+}
+
+int mgr_blockjob_info(struct mgr *m, const char *dom, const char *disk, struct mgr_jobinfo *out,
+                      struct ct_err *err)
+{
+    memset(out, 0, sizeof(*out));
+    struct jobrow jr;
+    int r = job_of(m, dom, disk, &jr, err);
+    if (r == -ENOENT && strstr(err->msg, "No current block job")) {
+        return 0;
+    }
+    if (r < 0) {
+        return r;
+    }
+    r = job_query(m, jr.job, out, NULL, err);
+    if (r == 0) {
+        snprintf(out->type, sizeof(out->type), "%s", jr.type);
+    }
+    jobrow_fini(&jr);
+    return r;
+}
+
+int mgr_blockjob_end(struct mgr *m, const char *dom, const char *disk, bool pivot, bool async,
+                     struct ct_err *err)
+{
+    struct jobrow jr;
+    int r = job_of(m, dom, disk, &jr, err);
+    if (r < 0) {
+        return r;
+    }
+    struct mgr_jobinfo ji;
+    r = job_query(m, jr.job, &ji, NULL, err);
+    if (r == 0 && pivot && !ji.ready) {
+        r = ct_err_set(err, -CT_E_BUSY,
+                       "block job on disk %s is not ready for pivot yet (wait for the "
+                       "synchronized phase)",
+                       jr.target);
+    }
+    if (r == 0 && pivot && !mgr_streq(jr.type, "active-commit") && !mgr_streq(jr.type, "copy")) {
+        r = ct_err_set(err, -EINVAL, "only an active commit or a copy can pivot");
+    }
+    if (r == 0 && ji.exists && strcmp(ji.status, "concluded") != 0) {
+        r = jobrow_note_sent(m, &jr, pivot ? "complete" : "cancel", err);
+        json_object *a = json_object_new_object();
+        json_object_object_add(a, "device", json_object_new_string(jr.job));
+        if (r == 0) {
+            r = qmp_execute(m->qmp, pivot ? "block-job-complete" : "block-job-cancel", a, NULL,
+                            err);
+        } else {
+            json_object_put(a);
+        }
+    }
+    if (r == 0) {
+        r = async ? (pivot ? MGR_JOB_DONE : MGR_JOB_ABORTED) : follow(m, &jr, F_END, err);
+    }
+    jobrow_fini(&jr);
+    return r;
+}
+
+int mgr_blockjob_set_speed(struct mgr *m, const char *dom, const char *disk, uint64_t speed,
+                           struct ct_err *err)
+{
+    struct jobrow jr;
+    int r = job_of(m, dom, disk, &jr, err);
+    if (r < 0) {
+        return r;
+    }
+    json_object *a = json_object_new_object();
+    json_object_object_add(a, "device", json_object_new_string(jr.job));
+    json_object_object_add(a, "speed", json_object_new_int64((int64_t)speed));
+    r = qmp_execute(m->qmp, "block-job-set-speed", a, NULL, err);
+    jobrow_fini(&jr);
+    return r;
+}
+
+int live_jobs_sync(struct mgr *m, struct ct_err *err)
+{
+    struct jobrow *v;
+    size_t n;
+    int r = jobrows(m, NULL, NULL, &v, &n, err);
+    if (r < 0 || n == 0) {
+        jobrows_free(v, n);
+        return r;
+    }
+    r = live_connect(m, err);
+    for (size_t i = 0; i < n && r >= 0; i++) {
+        struct mgr_jobinfo ji = {0};
+        char *why = NULL;
+        if (r > 0) {
+            r = job_query(m, v[i].job, &ji, &why, err);
+            if (r == -EPIPE) {
+                r = 0;
+            } else if (r == 0) {
+                r = 1;
+            }
+        }
+        if (r >= 0 && ji.exists && strcmp(ji.status, "concluded") != 0) {
+            free(why);
+            continue; /* still running */
+        }
+        bool cancelled = mgr_streq(qmp_str(v[i].args, "sent"), "cancel");
+        enum outcome oc = !ji.exists  ? OUT_ABORTED /* daemon gone or job lost */
+                          : why       ? (cancelled ? OUT_ABORTED : OUT_FAILED)
+                          : cancelled ? OUT_ABORTED
+                                      : OUT_SUCCESS;
+        /* A failure to record the end is not this command's failure: the row stays and the
+         * next command (or `blockjob`) tries again; reconcile shows the disagreement. */
+        struct ct_err e2 = {0};
+        int cr = conclude(m, &v[i], oc, why, &e2);
+        free(why);
+        if ((cr == 0 || oc == OUT_FAILED) && ji.exists && m->qmp) {
+            json_object *a = json_object_new_object();
+            json_object_object_add(a, "id", json_object_new_string(v[i].job));
+            (void)qmp_execute(m->qmp, "job-dismiss", a, NULL, NULL);
+        }
+        if (r >= 0) {
+            r = m->qmp ? 1 : 0;
+        }
+    }
+    jobrows_free(v, n);
+    return r < 0 ? r : 0;
 }

@@ -283,6 +283,7 @@ struct m_ctx {
     size_t nlive_tops;
     char **inuse; /* every file the daemon has open */
     size_t ninuse;
+    char *extra_sql; /* appended to the catalog step's SQL */
 };
 
 void ctx_init(struct m_ctx *x, struct mgr *m);
@@ -359,6 +360,15 @@ int live_plan(struct m_ctx *x, struct ct_err *err);
 int live_step_do(struct mgr *m, const struct m_step *s, struct ct_err *err);
 int live_step_undo(struct mgr *m, const struct m_step *s, struct ct_err *err);
 int live_job_step(struct mgr *m, const struct m_step *s, struct ct_err *err);
+enum live_job_op { LJ_COMMIT, LJ_PULL, LJ_COPY };
+/* Start the job x planned for disk k of d in the daemon (instead of ctx_finish), and wait
+ * as o says. Returns an enum mgr_job_result or < 0. */
+int live_job_begin(struct m_ctx *x, struct m_domain *d, struct m_disk *k, enum live_job_op op,
+                   const struct mgr_block_opts *o, struct ct_err *err);
+/* MGR_LIVE_DONE planning: drop the steps whose work the daemon's job did, then finish. */
+int live_job_done_finish(struct m_ctx *x, struct mgr_plan **plan_out, struct ct_err *err);
+/* Finish or forget jobs that ended while no command waited (mgr_open). */
+int live_jobs_sync(struct mgr *m, struct ct_err *err);
 /* Run one offline step (journal.c), for live steps finished without the daemon. */
 int journal_step_do(struct mgr *m, const struct m_step *s, struct ct_err *err);
 

@@ -182,6 +182,7 @@ enum mgr_op_flags {
     MGR_DELETE_CHILDREN = 1u << 2,
     MGR_DELETE_CHILDREN_ONLY = 1u << 3,
     MGR_DELETE_METADATA = 1u << 4,
+    MGR_LIVE_DONE = 1u << 8, /* internal: the daemon's job moved the data; plan the rest */
 };
 
 /* snap NULL: the current snapshot. *plan (optional) receives the plan, run or not. */
@@ -204,7 +205,37 @@ struct mgr_block_opts {
     /* blockcopy */
     const char *dest, *format;
     bool reuse_external, pivot;
+    /* Running domains (live jobs in the daemon). Without wait the job is left running (the
+     * call returns 1); `blockjob` follows it. */
+    bool wait;         /* wait for the end (implied by pivot, keep_overlay and finish) */
+    bool active;       /* --active: the top may be the active layer (two-phase commit) */
+    bool keep_overlay; /* active commit: end by abort once synchronized (the top stays) */
+    bool finish;       /* blockcopy: end by abort once synchronized (a point-in-time copy) */
 };
+
+/* Results of a live block job call (> 0). */
+enum mgr_job_result {
+    MGR_JOB_STARTED = 1, /* left running in the daemon */
+    MGR_JOB_SYNCED = 2,  /* two-phase job waiting in its synchronized phase */
+    MGR_JOB_DONE = 3,    /* finished (pivoted, or completed) */
+    MGR_JOB_ABORTED = 4, /* ended without pivot (keep-overlay, finish, abort) */
+};
+
+struct mgr_jobinfo {
+    bool exists;
+    char type[32];   /* commit, active-commit, pull, copy */
+    char status[32]; /* QEMU's JobStatus */
+    uint64_t offset, len, speed;
+    bool ready;
+};
+int mgr_blockjob_info(struct mgr *m, const char *dom, const char *disk, struct mgr_jobinfo *out,
+                      struct ct_err *err);
+/* End the job: pivot (two-phase jobs once ready) or abort; waits unless async. Returns an
+ * enum mgr_job_result. */
+int mgr_blockjob_end(struct mgr *m, const char *dom, const char *disk, bool pivot, bool async,
+                     struct ct_err *err);
+int mgr_blockjob_set_speed(struct mgr *m, const char *dom, const char *disk, uint64_t speed,
+                           struct ct_err *err);
 
 int mgr_blockcommit(struct mgr *m, const char *dom, const char *disk,
                     const struct mgr_block_opts *o, unsigned flags, struct mgr_plan **plan,

@@ -45,6 +45,7 @@ void ctx_fini(struct m_ctx *x)
     free(x->live_dom);
     mgr_strv_free(x->live_tops, x->nlive_tops);
     mgr_strv_free(x->inuse, x->ninuse);
+    free(x->extra_sql);
     m_cat_free(x->cat);
     m_probes_free(&x->probes);
     mgr_plan_free(x->plan);
@@ -379,6 +380,11 @@ int ctx_finish(struct m_ctx *x, bool dry_run, struct mgr_plan **plan_out, struct
         }
     }
     char *sql = cat_sql(x->cat);
+    if (x->extra_sql) {
+        char *all = mgr_xasprintf("%s\n%s", sql, x->extra_sql);
+        free(sql);
+        sql = all;
+    }
     int r = 0;
     if (dry_run) {
         plan_add(x->plan, ST_CATALOG, NULL, NULL, NULL, NULL, NULL, 0, 0);
