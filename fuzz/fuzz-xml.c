@@ -12,9 +12,16 @@
  * reference: the manager then only ever opens plain names in that directory. A domain that
  * was defined is undefined again, so runs are independent.
  *
+ * A <domainsnapshot> that parses (and passes the same check) is also redefined
+ * (mgr_snapshot_create_xml with redefine: metadata only, after checking the files) on the
+ * domain "vm1", defined at start on its own images: vda = vm1.qcow2 (with an internal snapshot
+ * "s1"), vdb = vm1-top.qcow2 on vm1-base.qcow2. After a successful redefine the manager home
+ * is rebuilt from scratch, so runs stay independent.
+ *
  * Oracles, besides the sanitizers: a refused document fills err with a negative code and a
  * message; a parsed <domainsnapshot> has well-formed disks (a name each, a known kind); a
- * defined domain is listed under the name returned and can be undefined.
+ * defined domain is listed under the name returned and can be undefined; a redefined snapshot
+ * is listed under the name returned.
  */
 #include <libxml/parser.h>
 #include <libxml/tree.h>
@@ -31,7 +38,9 @@
 /* FUZZ_AVOID names (see fuzz-common.h): none. */
 
 static struct mgr *mgr;
-static const char *const keep[] = {"home", "disk.qcow2", "base.qcow2", "top.qcow2", NULL};
+static char home[PATH_MAX];
+static const char *const keep[] = {"home",      "disk.qcow2",    "base.qcow2",     "top.qcow2",
+                                   "vm1.qcow2", "vm1-top.qcow2", "vm1-base.qcow2", NULL};
 
 static void make_image(const char *name, const char *backing)
 {
@@ -47,6 +56,26 @@ static void make_image(const char *name, const char *backing)
     }
 }
 
+/* A fresh manager home holding the domain vm1 only. */
+static void open_home(void)
+{
+    if (mgr) {
+        mgr_close(mgr);
+        mgr = NULL;
+    }
+    fz_clear_dir(keep + 1); /* everything but the images: the home goes */
+    struct mgr_opts o = {.home = home};
+    struct ct_err err = {0};
+    if (mgr_open(&mgr, &o, &err) < 0) {
+        fz_die("mgr_open: %s", err.msg);
+    }
+    const struct mgr_disk_arg disks[] = {{.target = "vda", .path = "vm1.qcow2"},
+                                         {.target = "vdb", .path = "vm1-top.qcow2"}};
+    if (mgr_define(mgr, "vm1", disks, 2, &err) < 0) {
+        fz_die("defining vm1: %s", err.msg);
+    }
+}
+
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     fz_verbose = getenv("FUZZ_VERBOSE") != NULL;
@@ -54,13 +83,18 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     make_image("disk.qcow2", NULL);
     make_image("base.qcow2", NULL);
     make_image("top.qcow2", "base.qcow2");
-    static char home[PATH_MAX];
-    snprintf(home, sizeof(home), "%s/home", dir);
-    struct mgr_opts o = {.home = home};
+    make_image("vm1.qcow2", NULL);
+    make_image("vm1-base.qcow2", NULL);
+    make_image("vm1-top.qcow2", "vm1-base.qcow2");
+    struct ct_image *img;
+    struct ct_open_opts oo = {.format = "qcow2", .flags = CT_OPEN_WRITE};
     struct ct_err err = {0};
-    if (mgr_open(&mgr, &o, &err) < 0) {
-        fz_die("mgr_open: %s", err.msg);
+    if (ct_image_open(&img, "vm1.qcow2", &oo, &err) < 0 ||
+        ct_snapshot_create(img, "s1", NULL, &err) < 0 || ct_image_close(img, &err) < 0) {
+        fz_die("internal snapshot s1 of vm1.qcow2: %s", err.msg);
     }
+    snprintf(home, sizeof(home), "%s/home", dir);
+    open_home();
     xmlInitParser();
     return 0;
 }
@@ -181,7 +215,7 @@ static void domain_xml(const char *xml)
         listed |= !strcmp(names[i], name);
     }
     mgr_strv_free(names, n);
-    if (!listed || n != 1) {
+    if (!listed || n != 2) {
         fz_die("domain '%s' defined but %s (%zu domains)", name, listed ? "listed" : "not listed",
                n);
     }
@@ -189,6 +223,36 @@ static void domain_xml(const char *xml)
         fz_die("undefining the new domain '%s' failed: %s", name, err.msg);
     }
     free(name);
+}
+
+static void redefine_xml(const char *xml)
+{
+    if (!safe_to_define(xml)) {
+        return;
+    }
+    struct mgr_create_opts flags = {0};
+    char *name = NULL;
+    struct ct_err err = {0};
+    int r = mgr_snapshot_create_xml(mgr, "vm1", xml, &flags, true, false, &name, &err);
+    if (r < 0) {
+        check_refusal("mgr_snapshot_create_xml --redefine", r, &err);
+        free(name);
+        return;
+    }
+    if (!name) {
+        fz_die("a redefined snapshot without a name");
+    }
+    fz_log("redefined snapshot '%s'", name);
+    struct mgr_domain_info *info = NULL;
+    if (mgr_domain_get(mgr, "vm1", &info, &err) < 0) {
+        fz_die("mgr_domain_get after a redefine: %s", err.msg);
+    }
+    if (mgr_snap_index(info, name) < 0) {
+        fz_die("redefined snapshot '%s' is not listed", name);
+    }
+    mgr_domain_info_free(info);
+    free(name);
+    open_home();
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -201,6 +265,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     xml[size] = 0;
     snapshot_xml(xml);
     domain_xml(xml);
+    redefine_xml(xml);
     xmlResetLastError();
     free(xml);
     fz_clear_dir(keep);

@@ -273,7 +273,7 @@ SNAP = """<domainsnapshot>
 def xml_seeds():
     s = {}
     s["domain-one-disk"] = DOMAIN.format(
-        name="vm1", uuid="6c8a9a5e-1f43-4c6b-8a5e-0a9f3f2b1c11",
+        name="vm-one", uuid="6c8a9a5e-1f43-4c6b-8a5e-0a9f3f2b1c11",
         disks=DISK.format(device="disk", fmt="qcow2", src="disk.qcow2", tgt="vda"))
     s["domain-chain-and-cdrom"] = DOMAIN.format(
         name="vm-2", uuid="00000000-0000-0000-0000-0000000000ab",
@@ -299,6 +299,23 @@ def xml_seeds():
                             "<creationTime>12x</creationTime><memory snapshot='internal' "
                             "file='m'/><disks><disk snapshot='bogus' type='block'/><disk/>"
                             "</disks><![CDATA[cdata]]><!-- comment --></domainsnapshot>")
+    # Redefinitions on fuzz-xml's domain vm1 (vda = vm1.qcow2 with internal snapshot s1,
+    # vdb = vm1-top.qcow2 on vm1-base.qcow2).
+    s["redefine-internal"] = ("<domainsnapshot>\n  <name>s1</name>\n  <description>internal"
+                              "</description>\n  <state>shutoff</state>\n  <creationTime>"
+                              "1700000000</creationTime>\n  <memory snapshot='no'/>\n  <disks>\n"
+                              "    <disk name='vda' snapshot='internal'/>\n"
+                              "    <disk name='vdb' snapshot='no'/>\n  </disks>\n"
+                              "</domainsnapshot>\n")
+    s["redefine-external"] = ("<domainsnapshot>\n  <name>ext1</name>\n  <state>disk-snapshot"
+                              "</state>\n  <memory snapshot='no'/>\n  <disks>\n"
+                              "    <disk name='vdb' snapshot='external' type='file'>\n"
+                              "      <driver type='qcow2'/>\n"
+                              "      <source file='vm1-top.qcow2'/>\n    </disk>\n"
+                              "  </disks>\n  <domain type='kvm'><name>vm1</name><devices>"
+                              "<disk type='file' device='disk'><source file='vm1-base.qcow2'/>"
+                              "<target dev='vdb'/></disk></devices></domain>\n"
+                              "</domainsnapshot>\n")
     return s
 
 
