@@ -8,6 +8,17 @@
  * with CT_FIX_ERRORS) and fixes COPIED flags. While repairing, the allocator also treats every
  * counted cluster as used (q->repair_refs), so a refcount block created by the repair never
  * lands on a cluster whose refcount was wrongly zero.
+ *
+ * Memory. A check that repairs nothing keeps one byte per host cluster, in pages of 64 Ki
+ * clusters allocated when first touched (a sparse or short file pays for what it uses),
+ * with counts of 255 and more in a small hash table (shared clusters that many snapshots
+ * reference); it reads refcount blocks and L2 tables straight into scratch buffers, one at a
+ * time, instead of filling the metadata caches; and the COPIED pass takes stored refcounts
+ * from the counts just compared (they are equal except for the clusters compare_refs found
+ * differing, which it remembers). A 1 TiB image with every cluster allocated thus needs
+ * 16 MiB of counts instead of 64 MiB of counts plus 40 MiB of caches. A repair keeps the
+ * flat uint32 array the allocator reads (q->repair_refs) and goes through the caches, which
+ * its writes must stay coherent with.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -21,9 +32,80 @@
 #include "util/err.h"
 #include "util/misc.h"
 
+/* Open-addressing map cluster -> count (key stored + 1; 0 = empty slot). */
+struct u64map {
+    uint64_t *keys, *vals;
+    size_t cap, n;
+};
+
+static uint64_t *map_find(struct u64map *m, uint64_t key, bool add)
+{
+    if (add && (m->n + 1) * 2 > m->cap) {
+        size_t ncap = m->cap ? m->cap * 2 : 1024;
+        uint64_t *nk = calloc(ncap, sizeof(*nk)), *nv = calloc(ncap, sizeof(*nv));
+        if (!nk || !nv) {
+            free(nk);
+            free(nv);
+            return NULL;
+        }
+        for (size_t i = 0; i < m->cap; i++) {
+            if (m->keys[i]) {
+                size_t h = (size_t)((m->keys[i] * 0x9e3779b97f4a7c15ull) >> 20) & (ncap - 1);
+                while (nk[h]) {
+                    h = (h + 1) & (ncap - 1);
+                }
+                nk[h] = m->keys[i];
+                nv[h] = m->vals[i];
+            }
+        }
+        free(m->keys);
+        free(m->vals);
+        m->keys = nk;
+        m->vals = nv;
+        m->cap = ncap;
+    }
+    if (!m->cap) {
+        return NULL;
+    }
+    uint64_t k = key + 1;
+    size_t h = (size_t)((k * 0x9e3779b97f4a7c15ull) >> 20) & (m->cap - 1);
+    while (m->keys[h] && m->keys[h] != k) {
+        h = (h + 1) & (m->cap - 1);
+    }
+    if (!m->keys[h]) {
+        if (!add) {
+            return NULL;
+        }
+        m->keys[h] = k;
+        m->vals[h] = 0;
+        m->n++;
+    }
+    return &m->vals[h];
+}
+
+static void map_free(struct u64map *m)
+{
+    free(m->keys);
+    free(m->vals);
+    memset(m, 0, sizeof(*m));
+}
+
+#define PAGE_BITS 16
+#define PAGE_SIZE (1u << PAGE_BITS)
+#define BIG       255u /* a page byte of BIG: the count is in the big map */
+
+/* The counted references: flat uint32 (repair) or paged bytes (check only). */
+struct refcounts {
+    uint32_t *flat;
+    uint8_t **pages;
+    uint64_t npages;
+    struct u64map big;
+    bool oom; /* a page or map entry could not be allocated: the check fails */
+};
+
 struct check {
     struct qcow2_state *q;
-    uint32_t *refs;
+    struct refcounts rc;
     uint64_t nclusters;
     struct ct_check_result *res;
     ct_check_report_fn report;
@@ -31,7 +113,108 @@ struct check {
     uint64_t file_size;
     uint8_t *table;     /* one cluster, scratch */
     bool refblocks_bad; /* a refcount block is unusable: rebuild instead of patching */
+    /* Check without repair: stored refcounts that differ from the counts (compare_refs), for
+     * the COPIED pass; stored_all_known false when some could not be read or too many differ
+     * (then the COPIED pass asks the refcount blocks). Clusters from stored_upto on were not
+     * compared. */
+    struct u64map stored_diff;
+    bool stored_all_known;
+    uint64_t stored_upto;
 };
+
+static uint64_t refs_get(const struct check *c, uint64_t k)
+{
+    const struct refcounts *rc = &c->rc;
+    if (rc->flat) {
+        return rc->flat[k];
+    }
+    const uint8_t *pg = rc->pages[k >> PAGE_BITS];
+    if (!pg) {
+        return 0;
+    }
+    uint8_t v = pg[k & (PAGE_SIZE - 1)];
+    if (v != BIG) {
+        return v;
+    }
+    uint64_t *b = map_find((struct u64map *)&rc->big, k, false);
+    return b ? *b : BIG;
+}
+
+static void refs_add(struct check *c, uint64_t k, int delta)
+{
+    struct refcounts *rc = &c->rc;
+    if (rc->flat) {
+        if (delta > 0 && rc->flat[k] < UINT32_MAX) {
+            rc->flat[k]++;
+        } else if (delta < 0 && rc->flat[k]) {
+            rc->flat[k]--;
+        }
+        return;
+    }
+    uint8_t **pg = &rc->pages[k >> PAGE_BITS];
+    if (!*pg) {
+        if (delta < 0 || !(*pg = calloc(1, PAGE_SIZE))) {
+            rc->oom = rc->oom || delta > 0;
+            return;
+        }
+    }
+    uint8_t *v = &(*pg)[k & (PAGE_SIZE - 1)];
+    if (*v < BIG - 1 || (*v == BIG - 1 && delta < 0)) {
+        if (delta > 0) {
+            (*v)++;
+        } else if (*v) {
+            (*v)--;
+        }
+        return;
+    }
+    uint64_t *b = map_find(&rc->big, k, true);
+    if (!b) {
+        rc->oom = true;
+        return;
+    }
+    if (*v == BIG - 1) {
+        *v = BIG;
+        *b = BIG; /* delta > 0 here */
+        return;
+    }
+    if (delta > 0 && *b < UINT64_MAX) {
+        (*b)++;
+    } else if (delta < 0 && *b) {
+        (*b)--; /* stays in the map, whatever its value */
+    }
+}
+
+static void refs_clear(struct check *c)
+{
+    struct refcounts *rc = &c->rc;
+    if (rc->flat) {
+        memset(rc->flat, 0, c->nclusters * sizeof(*rc->flat));
+        return;
+    }
+    for (uint64_t i = 0; i < rc->npages; i++) {
+        free(rc->pages[i]);
+        rc->pages[i] = NULL;
+    }
+    map_free(&rc->big);
+}
+
+/* Highest counted cluster + 1 (0 when none). */
+static uint64_t refs_end(const struct check *c)
+{
+    uint64_t k = c->nclusters;
+    while (k > 0) {
+        uint64_t pg = (k - 1) >> PAGE_BITS;
+        if (!c->rc.flat && !c->rc.pages[pg]) {
+            k = pg << PAGE_BITS; /* an absent page counts nothing */
+            continue;
+        }
+        if (refs_get(c, k - 1)) {
+            return k;
+        }
+        k--;
+    }
+    return 0;
+}
 
 static void say(struct check *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void say(struct check *c, const char *fmt, ...)
@@ -62,9 +245,7 @@ static void ref_range(struct check *c, uint64_t off, uint64_t len, const char *w
             c->res->corruptions++;
             return;
         }
-        if (c->refs[k] < UINT32_MAX) {
-            c->refs[k]++;
-        }
+        refs_add(c, k, 1);
     }
 }
 
@@ -236,7 +417,7 @@ static void walk_bitmaps(struct check *c)
 static int count_refs(struct check *c)
 {
     struct qcow2_state *q = c->q;
-    memset(c->refs, 0, c->nclusters * sizeof(*c->refs));
+    refs_clear(c);
     ref_range(c, 0, q->cluster_size, "header");
     int r = walk_l1(c, q->l1_offset, q->l1_size, true);
     for (uint32_t i = 0; r == 0 && i < q->nb_snapshots; i++) {
@@ -272,7 +453,7 @@ static int count_refs(struct check *c)
     walk_bitmaps(c);
     for (uint64_t i = 0; !q->reftable_broken && i < q->reftable_entries; i++) {
         uint64_t rb = (q->reftable[i] & QCOW2_REFT_OFFSET_MASK) >> q->cluster_bits;
-        if (rb && rb < c->nclusters && c->refs[rb] > 1) {
+        if (rb && rb < c->nclusters && refs_get(c, rb) > 1) {
             say(c,
                 "ERROR refcount block %" PRIu64 " at cluster %" PRIu64
                 " overlaps other metadata or data",
@@ -289,7 +470,11 @@ static int count_refs(struct check *c)
         }
         uint64_t e = CT_MIN(c->nclusters, k + q->refblock_entries);
         for (uint64_t j = k; j < e; j++) {
-            if (c->refs[j]) {
+            if (!c->rc.flat && !c->rc.pages[j >> PAGE_BITS]) {
+                j |= PAGE_SIZE - 1; /* an absent page counts nothing */
+                continue;
+            }
+            if (refs_get(c, j)) {
                 say(c, "ERROR refcount block %" PRIu64 " is missing for cluster %" PRIu64, rt, j);
                 c->res->corruptions++;
                 c->refblocks_bad = true;
@@ -297,7 +482,7 @@ static int count_refs(struct check *c)
             }
         }
     }
-    return 0;
+    return c->rc.oom ? -ENOMEM : 0;
 }
 
 /*
@@ -312,22 +497,21 @@ static int rebuild_refcounts(struct check *c)
     if (!q->reftable_broken) {
         uint64_t first = q->reftable_offset >> q->cluster_bits;
         for (uint64_t k = 0; k < q->reftable_clusters && first + k < c->nclusters; k++) {
-            if (c->refs[first + k]) {
-                c->refs[first + k]--;
-            }
+            refs_add(c, first + k, -1);
         }
         for (uint64_t i = 0; i < q->reftable_entries; i++) {
             uint64_t rb = (q->reftable[i] & QCOW2_REFT_OFFSET_MASK) >> q->cluster_bits;
-            if (rb && rb < c->nclusters && c->refs[rb]) {
-                c->refs[rb]--;
+            if (rb && rb < c->nclusters) {
+                refs_add(c, rb, -1);
             }
         }
     }
     uint64_t end = 1;
     for (uint64_t k = 0; k < c->nclusters; k++) {
-        if (c->refs[k]) {
+        uint64_t v = refs_get(c, k);
+        if (v) {
             end = k + 1;
-            if (c->refs[k] > q->refcount_max) {
+            if (v > q->refcount_max) {
                 return -ERANGE;
             }
         }
@@ -354,7 +538,7 @@ static int rebuild_refcounts(struct check *c)
     for (uint64_t b = 0; r == 0 && b < nb; b++) {
         memset(blk, 0, q->cluster_size);
         for (uint64_t k = 0; k < epb; k++) {
-            uint64_t cl = b * epb + k, v = cl < c->nclusters ? c->refs[cl] : 0;
+            uint64_t cl = b * epb + k, v = cl < c->nclusters ? refs_get(c, cl) : 0;
             if (cl >= end && cl < end + nb + nt) {
                 v = 1; /* the new blocks and table themselves */
             }
@@ -407,21 +591,74 @@ static int rebuild_refcounts(struct check *c)
     return r;
 }
 
-/* Compare counted references with stored refcounts; fix according to `fix`. */
+static uint64_t rb_entry(const struct qcow2_state *q, const uint8_t *t, uint64_t i)
+{
+    switch (q->refcount_bits) {
+    case 8:
+        return t[i];
+    case 16:
+        return ld_be16(t + i * 2);
+    case 32:
+        return ld_be32(t + i * 4);
+    case 64:
+        return ld_be64(t + i * 8);
+    default: {
+        uint64_t bit = i * q->refcount_bits;
+        return (t[bit / 8] >> (bit % 8)) & ((1u << q->refcount_bits) - 1);
+    }
+    }
+}
+
+/* Differing stored refcounts kept for the COPIED pass before it asks the refcount blocks. */
+#define STORED_DIFF_MAX (1u << 20)
+
+/* Compare counted references with stored refcounts; fix according to `fix`. Without fix,
+ * each refcount block is read once into the scratch buffer (no cache); with fix, through the
+ * cache its updates go to. */
 static int compare_refs(struct check *c, unsigned fix)
 {
     struct qcow2_state *q = c->q;
     uint64_t n = CT_MAX(c->nclusters, q->reftable_entries * q->refblock_entries);
     n = CT_MIN(n, c->nclusters + q->refblock_entries * 4);
+    map_free(&c->stored_diff);
+    c->stored_all_known = !fix;
+    c->stored_upto = n;
+    uint64_t blk_loaded = UINT64_MAX; /* refcount block index in c->table, or none */
     for (uint64_t k = 0; k < n; k++) {
         uint64_t rc;
-        if (qcow2_refcount_get(q, k, &rc) < 0) {
+        uint64_t rt = k / q->refblock_entries;
+        uint64_t rb =
+            !fix && rt < q->reftable_entries ? q->reftable[rt] & QCOW2_REFT_OFFSET_MASK : 0;
+        if (rb && !(rb & (q->cluster_size - 1)) && rb < c->file_size) {
+            if (blk_loaded != rt) {
+                blk_loaded = UINT64_MAX;
+                if (ct_file_pread(q->file, c->table, q->cluster_size, rb) == 0) {
+                    blk_loaded = rt;
+                }
+            }
+            if (blk_loaded != rt) {
+                c->res->check_errors++;
+                c->stored_all_known = false;
+                continue;
+            }
+            rc = rb_entry(q, c->table, k % q->refblock_entries);
+        } else if (qcow2_refcount_get(q, k, &rc) < 0) {
             c->res->check_errors++;
+            c->stored_all_known = false;
             continue;
         }
-        uint64_t want = k < c->nclusters ? c->refs[k] : 0;
+        uint64_t want = k < c->nclusters ? refs_get(c, k) : 0;
         if (rc == want) {
             continue;
+        }
+        if (c->stored_all_known) {
+            uint64_t *d =
+                c->stored_diff.n < STORED_DIFF_MAX ? map_find(&c->stored_diff, k, true) : NULL;
+            if (d) {
+                *d = rc;
+            } else {
+                c->stored_all_known = false;
+            }
         }
         bool leak = rc > want;
         if (want > q->refcount_max) {
@@ -453,6 +690,62 @@ static int compare_refs(struct check *c, unsigned fix)
     return 0;
 }
 
+/* The stored refcount of cluster k, known from compare_refs when it could be. */
+static int stored_refcount(struct check *c, uint64_t k, uint64_t *out)
+{
+    if (c->stored_all_known && k < c->stored_upto) {
+        uint64_t *d = map_find(&c->stored_diff, k, false);
+        *out = d ? *d : (k < c->nclusters ? refs_get(c, k) : 0);
+        return 0;
+    }
+    return qcow2_refcount_get(c->q, k, out);
+}
+
+/* COPIED check without repair: L2 tables read straight into the scratch buffer, stored
+ * refcounts from stored_refcount(); reports exactly what check_copied() does. */
+static void check_copied_ro(struct check *c)
+{
+    struct qcow2_state *q = c->q;
+    for (uint32_t i = 0; i < q->l1_size; i++) {
+        uint64_t l1e = q->l1[i], l2off = l1e & QCOW2_L1E_OFFSET_MASK;
+        if (!l2off || (l2off & (q->cluster_size - 1)) || l2off >= c->file_size) {
+            continue;
+        }
+        uint64_t rc;
+        if (stored_refcount(c, l2off >> q->cluster_bits, &rc) < 0) {
+            c->res->check_errors++;
+            continue;
+        }
+        if ((rc == 1) != ((l1e & QCOW2_OFLAG_COPIED) != 0)) {
+            say(c,
+                "ERROR OFLAG_COPIED L2 cluster: l1_index=%u l1_entry=%" PRIx64 " refcount=%" PRIu64,
+                i, l1e, rc);
+            c->res->corruptions++;
+        }
+        if (ct_file_pread(q->file, c->table, q->cluster_size, l2off) < 0) {
+            c->res->check_errors++;
+            continue;
+        }
+        for (uint64_t j = 0; j < q->l2_entries; j++) {
+            uint64_t l2e = ld_be64(c->table + j * q->l2_entry_bytes);
+            uint64_t host = l2e & QCOW2_L2E_OFFSET_MASK;
+            if ((l2e & QCOW2_OFLAG_COMPRESSED) || !host || (host & (q->cluster_size - 1))) {
+                continue;
+            }
+            uint64_t drc;
+            if (stored_refcount(c, host >> q->cluster_bits, &drc) < 0) {
+                c->res->check_errors++;
+                continue;
+            }
+            if ((drc == 1) != ((l2e & QCOW2_OFLAG_COPIED) != 0)) {
+                say(c, "ERROR OFLAG_COPIED data cluster: l2_entry=%" PRIx64 " refcount=%" PRIu64,
+                    l2e, drc);
+                c->res->corruptions++;
+            }
+        }
+    }
+}
+
 /* COPIED flags of the active L1 and L2 tables must say "refcount == 1". */
 static int check_copied(struct check *c, unsigned fix)
 {
@@ -463,6 +756,10 @@ static int check_copied(struct check *c, unsigned fix)
     bool repair = (fix & CT_FIX_ERRORS) ||
                   ((fix & CT_FIX_LEAKS) && !res->check_errors &&
                    res->corruptions == res->corruptions_fixed && res->leaks == res->leaks_fixed);
+    if (!fix) {
+        check_copied_ro(c);
+        return 0;
+    }
     for (uint32_t i = 0; i < q->l1_size; i++) {
         uint64_t l1e = q->l1[i], l2off = l1e & QCOW2_L1E_OFFSET_MASK;
         if (!l2off || (l2off & (q->cluster_size - 1)) || l2off >= c->file_size) {
@@ -554,10 +851,17 @@ int qcow2_check(struct ct_image *img, unsigned fix, struct ct_check_result *res,
     /* Room for clusters a repair may add past the end (new refcount blocks). */
     c.nclusters = ct_div_round_up(c.file_size, q->cluster_size);
     c.nclusters += 64 + 2 * ct_div_round_up(c.nclusters, q->refblock_entries);
-    c.refs = calloc(c.nclusters, sizeof(*c.refs));
+    bool ok;
+    if (fix) {
+        ok = (c.rc.flat = calloc(c.nclusters, sizeof(*c.rc.flat))) != NULL;
+    } else {
+        c.rc.npages = (c.nclusters + PAGE_SIZE - 1) >> PAGE_BITS;
+        ok = (c.rc.pages = calloc(c.rc.npages, sizeof(*c.rc.pages))) != NULL;
+    }
     c.table = malloc(q->cluster_size);
-    if (!c.refs || !c.table) {
-        free(c.refs);
+    if (!ok || !c.table) {
+        free(c.rc.flat);
+        free(c.rc.pages);
         free(c.table);
         return ct_err_set(err, -ENOMEM, "out of memory for the check (%" PRIu64 " clusters)",
                           c.nclusters);
@@ -568,7 +872,7 @@ int qcow2_check(struct ct_image *img, unsigned fix, struct ct_check_result *res,
         if (r < 0) {
             goto out;
         }
-        q->repair_refs = c.refs;
+        q->repair_refs = c.rc.flat;
         q->repair_nclusters = c.nclusters;
     }
     if ((fix & CT_FIX_ERRORS) && q->reftable_broken) {
@@ -629,16 +933,16 @@ int qcow2_check(struct ct_image *img, unsigned fix, struct ct_check_result *res,
         r = qcow2_write_header_fields(q, QH_INCOMPAT, 8);
     }
     if (r == 0) {
-        uint64_t hi = 0;
-        for (uint64_t k = 0; k < c.nclusters; k++) {
-            if (c.refs[k]) {
-                hi = k + 1;
-            }
-        }
-        res->image_end_offset = hi << q->cluster_bits;
+        res->image_end_offset = refs_end(&c) << q->cluster_bits;
     }
 out:
-    free(c.refs);
+    if (c.rc.pages) {
+        refs_clear(&c);
+    }
+    free(c.rc.pages);
+    free(c.rc.flat);
+    map_free(&c.rc.big);
+    map_free(&c.stored_diff);
     free(c.table);
     if (r < 0) {
         return ct_err_set(err, r, "check failed: %s", ct_strerror(r));
