@@ -277,6 +277,17 @@ static int close_image(struct ct_image *img, int r, struct ct_err *err)
     return r;
 }
 
+/* A created file's directory entry made durable before the step counts as done. */
+static int sync_created(const char *path, struct ct_err *err)
+{
+    int r = mgr_sync_dir(path);
+    if (r < 0) {
+        return ct_err_set(err, r, "cannot make the creation of '%s' durable: %s", path,
+                          strerror(-r));
+    }
+    return 0;
+}
+
 static int do_create_overlay(const struct m_step *s, struct ct_err *err)
 {
     int r = mgr_unlink(s->a, err);
@@ -297,8 +308,7 @@ static int do_create_overlay(const struct m_step *s, struct ct_err *err)
     }
     /* Overlays hold guest data: private to the owner (CVE-2025-13193). */
     (void)chmod(s->a, 0600);
-    (void)mgr_sync_dir(s->a);
-    return 0;
+    return sync_created(s->a, err);
 }
 
 static int do_internal(const struct m_step *s, struct ct_err *err)
@@ -352,7 +362,10 @@ static int do_materialize(struct mgr *m, const struct m_step *s, struct ct_err *
         return r;
     }
     (void)chmod(s->a, 0600);
-    (void)mgr_sync_dir(s->a);
+    r = sync_created(s->a, err);
+    if (r < 0) {
+        return r;
+    }
     struct ct_image *src = NULL, *dst = NULL;
     r = open_image(&src, s->b, NULL, CT_OPEN_NO_BACKING, s->c, err);
     if (r == 0) {
@@ -523,7 +536,7 @@ static int do_copy(struct mgr *m, const struct m_step *s, struct ct_err *err)
         }
         if (r == 0) {
             (void)chmod(s->b, 0600);
-            (void)mgr_sync_dir(s->b);
+            r = sync_created(s->b, err);
         }
     }
     if (r == 0) {
