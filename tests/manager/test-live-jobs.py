@@ -185,6 +185,57 @@ def run(env):
     check_all(env)
     ok("async blockpull: --bandwidth shown and changed, its end recorded by the next command")
 
+    # ---- --wait to the synchronized phase, then blockjob --pivot ----
+    env.run("snapshot-create-as", "d", "s6", "--disk-only")
+    m.write(env, 8, 6 << 20, 64 << 10)
+    c = chain(env)
+    r = env.run("blockcommit", "d", "vda", "--active", "--wait", "--force")
+    expect("Now in synchronized phase" in r.stdout, r.stdout)
+    expect(jobinfo(env)["ready"], jobinfo(env))
+    m.write(env, 10, 7 << 20, 64 << 10)  # mirrored to the base while synchronized
+    r = env.run("blockjob", "d", "vda", "--pivot")
+    expect("Successfully pivoted" in r.stdout, r.stdout)
+    expect(chain(env) == c[1:], chain(env))
+    m.compare(env, what="disk after blockjob --pivot")
+    check_all(env)
+    ok("blockcommit --active --wait stops in the synchronized phase; blockjob --pivot ends it")
+
+    # ---- shallow copy into an existing image, --finish leaves a point-in-time copy ----
+    env.run("snapshot-create-as", "d", "s7", "--disk-only")
+    m.write(env, 11, 0, 64 << 10)
+    c = chain(env)
+    dest2 = env.path("shallow.qcow2")
+    env.qemu_img("create", "-q", "-f", "qcow2", "-b", c[1], "-F", "qcow2", dest2)
+    r = env.run("blockcopy", "d", "vda", "--dest", dest2, "--shallow", "--reuse-external",
+                "--finish")
+    expect("Successfully copied" in r.stdout, r.stdout)
+    expect(chain(env) == c, chain(env))
+    m.compare(env, image=dest2, what="the shallow copy")
+    m.write(env, 12, 64 << 10, 64 << 10)
+    check_all(env)
+    ok("blockcopy --shallow --reuse-external --finish: a point-in-time copy, the disk stays")
+
+    # ---- --keep-overlay ----
+    r = env.run("blockcommit", "d", "vda", "--active", "--keep-overlay", "--force")
+    expect("overlay image kept" in r.stdout, r.stdout)
+    expect(chain(env) == c, chain(env))
+    m.compare(env, image=c[1], what="the base after --keep-overlay")
+    check_all(env)
+    ok("blockcommit --active --keep-overlay: the base holds the data, the overlay stays active")
+
+    # ---- the daemon dies during a job ----
+    env.run("blockpull", "d", "vda", "--bandwidth", "1", "--force")
+    with open(os.path.join(env.home, "run", "cowtreed.pid")) as f:
+        os.kill(int(f.read().split()[0]), 9)
+    expect(env.run("domstate", "d", "--reason").stdout.strip() == "shut off (crashed)",
+           "domstate after kill")
+    expect(jobinfo(env) == {"active": False}, jobinfo(env))
+    env.run("start", "d")
+    expect(chain(env) == c, chain(env))
+    m.compare(env, what="disk after a pull killed with the daemon")
+    check_all(env)
+    ok("kill -9 of the daemon during a pull: crashed, the job forgotten, start works, data kept")
+
     env.run("shutdown", "d")
     for im in env.images("d"):
         r = subprocess.run(["qemu-img", "check", im["path"]], capture_output=True, text=True)
