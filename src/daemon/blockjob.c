@@ -35,6 +35,10 @@
 #include "daemon/qmp.h"
 #include "util/err.h"
 
+/* Copy request size: 2 MiB page-cache writes measured up to 10x slower than 256 KiB ones
+ * on this kernel (bench/live-jobs), and shorter requests keep guest latency low. */
+#define JOB_BUF_BYTES (256u << 10)
+
 struct djob {
     char *id;
     const char *type; /* QEMU's job type: commit, stream, mirror */
@@ -375,6 +379,7 @@ static struct djob *new_djob(json_object *args, const char *type, struct ct_job_
                                .speed = speed,
                                .manual_finalize = !qmp_arg_bool(args, "auto-finalize", true),
                                .manual_dismiss = !qmp_arg_bool(args, "auto-dismiss", true),
+                               .buf_bytes = JOB_BUF_BYTES,
                                .progress = on_progress,
                                .on_status = on_status,
                                .opaque = d,
