@@ -165,6 +165,7 @@ struct ct_rebase_opts {
     struct ct_image *new_backing;
     const char *backing;
     const char *backing_fmt;
+    bool compress; /* clusters copied into img are written compressed (qemu-img rebase -c) */
 };
 int ct_job_rebase_create(struct ct_job **out, const struct ct_rebase_opts *o,
                          const struct ct_job_opts *jo, struct ct_err *err);

@@ -8,6 +8,8 @@
  * allocate itself, so that FILE reads the same afterwards; only regions allocated above the
  * chains' common ancestor are compared (see src/job/rebase.c). -b "" makes FILE standalone.
  * A relative BACKING is relative to FILE's directory, as in qemu-img; it is stored as given.
+ * -c (QEMU 8.2) writes the clusters the safe mode copies into FILE compressed; clusters FILE
+ * allocated before stay as they are; refused with -u (nothing is copied).
  */
 #include <getopt.h>
 #include <stdio.h>
@@ -19,14 +21,16 @@
 #include "cli/img.h"
 #include "job/job.h"
 
-#define USAGE "usage: rebase [-f FMT] [-u] -b BACKING [-F FMT] [-p] [-q] FILE"
+#define USAGE "usage: rebase [-f FMT] [-u] [-c] -b BACKING [-F FMT] [-p] [-q] FILE"
 
 int img_rebase(int argc, char **argv)
 {
     const char *fmt = NULL, *backing = NULL, *bfmt = NULL;
-    bool unsafe = false, progress = false, quiet = false;
-    static const struct option lo[] = {
-        {"help", no_argument, NULL, 'h'}, {"force-share", no_argument, NULL, 'U'}, {0}};
+    bool unsafe = false, progress = false, quiet = false, compress = false;
+    static const struct option lo[] = {{"help", no_argument, NULL, 'h'},
+                                       {"force-share", no_argument, NULL, 'U'},
+                                       {"compress", no_argument, NULL, 'c'},
+                                       {0}};
     int c;
     while ((c = getopt_long(argc, argv, "+f:b:F:upqt:T:ch", lo, NULL)) != -1) {
         switch (c) {
@@ -52,8 +56,8 @@ int img_rebase(int argc, char **argv)
         case 'T':
             break; /* cache modes: accepted, not used */
         case 'c':
-            cli_error("rebase -c (compression) is not supported yet");
-            return 1;
+            compress = true;
+            break;
         default:
             cli_error(USAGE);
             return 1;
@@ -69,6 +73,10 @@ int img_rebase(int argc, char **argv)
     }
     if (quiet) {
         progress = false;
+    }
+    if (compress && unsafe) {
+        cli_error("Cannot use compression in unsafe mode (-c with -u)");
+        return 1;
     }
     const char *file = argv[optind];
     bool none = *backing == '\0';
@@ -132,6 +140,7 @@ int img_rebase(int argc, char **argv)
         .new_backing = nb,
         .backing = none ? NULL : backing,
         .backing_fmt = none ? NULL : bfmt,
+        .compress = compress,
     };
     struct ct_job *job;
     if (ct_job_rebase_create(&job, &ro, &jo, &err) < 0) {

@@ -69,6 +69,10 @@ struct job_diff {
     bool skip_target_allocated;
     struct ct_image *old_top;
     struct ct_image *new_top;
+    /* Write data clusters compressed (rebase -c, convert -B -c): whole clusters when the
+     * target's allocation unit is its cluster; units smaller than a cluster (extended L2)
+     * are written uncompressed. */
+    bool compress;
 };
 struct ct_job;
 int job_diff_run(struct ct_job *job, const struct job_diff *d, struct ct_err *err);

@@ -556,6 +556,7 @@ static int copy_run(struct ct_job *job, struct ct_err *err)
             .skip_target_allocated = false,
             .old_top = s->srcs[0],
             .new_top = ct_image_backing(s->dst),
+            .compress = s->compress,
         };
         return job_diff_run(job, &d, err);
     }

@@ -22,6 +22,11 @@
  *  R2. Units are the target's allocation unit, grown only inside target-unallocated extents,
  *      which block status reports unit-aligned.
  *  R3. The link changes last, after a flush (rebase prepare).
+ *
+ * With compress (rebase -c, convert -B -c), the data units written are whole clusters and
+ * go through ct_image_pwrite_compressed(); what the target allocated before is left as it
+ * is, and zero units stay zero clusters (QEMU 8.2's rebase -c: only what is copied from
+ * the old backing chain is compressed).
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -117,6 +122,28 @@ struct diff_state {
     uint64_t done_end;         /* everything below was processed */
 };
 
+/* Write OLD's bytes [off, off+len) (unit-aligned) into the target, compressed cluster by
+ * cluster when asked and the unit is the cluster. */
+static int write_data(struct diff_state *s, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+    struct ct_image *t = s->d->target;
+    uint64_t cs = ct_image_cluster_size(t);
+    if (!s->d->compress || !cs || s->unit != cs) {
+        return ct_image_pwrite(t, buf, len, off, 0);
+    }
+    uint64_t size = ct_image_size(t);
+    for (uint64_t p = 0; p < len; p += cs) {
+        uint64_t n = CT_MIN(cs, len - p);
+        /* A unit is a whole cluster, or the image's last, partial one. */
+        int r = off + p + n == size || n == cs ? ct_image_pwrite_compressed(t, buf + p, n, off + p)
+                                               : ct_image_pwrite(t, buf + p, n, off + p, 0);
+        if (r < 0) {
+            return r;
+        }
+    }
+    return 0;
+}
+
 /* Compare a run unit by unit; write OLD's bytes where the views differ. */
 static int flush_run(struct ct_job *job, struct diff_state *s, struct ct_err *err)
 {
@@ -147,7 +174,7 @@ static int flush_run(struct ct_job *job, struct diff_state *s, struct ct_err *er
         bool differs = ul && memcmp(s->obuf + u, s->nbuf + u, ul) != 0;
         bool data = differs && !job_is_zero(s->obuf + u, ul);
         if (we > ws && (!differs || data != wdata || we != u)) {
-            r = wdata ? ct_image_pwrite(t, s->obuf + ws, we - ws, off + ws, 0)
+            r = wdata ? write_data(s, s->obuf + ws, we - ws, off + ws)
                       : job_write_zeroes_hiding(t, we - ws, off + ws, s->zbuf, s->bufsz);
             if (r < 0) {
                 return job_io_error(err, r, "writing to", t, off + ws);
@@ -305,6 +332,7 @@ out:
 struct rebase_state {
     struct ct_image *img, *new_backing;
     char *backing, *fmt;
+    bool compress;
 };
 
 static int rebase_run(struct ct_job *job, struct ct_err *err)
@@ -316,6 +344,7 @@ static int rebase_run(struct ct_job *job, struct ct_err *err)
         .skip_target_allocated = true,
         .old_top = ct_image_backing(s->img),
         .new_top = s->new_backing,
+        .compress = s->compress,
     };
     return job_diff_run(job, &d, err);
 }
@@ -375,6 +404,11 @@ int ct_job_rebase_create(struct ct_job **out, const struct ct_rebase_opts *o,
     if (!s) {
         return ct_err_set(err, -ENOMEM, "out of memory");
     }
+    if (o->compress && strcmp(ct_image_format(o->img), "qcow2") != 0) {
+        free(s);
+        return ct_err_set(err, -CT_E_UNSUPPORTED, "Compression not supported for this file format");
+    }
+    s->compress = o->compress;
     s->img = o->img;
     s->new_backing = link ? o->new_backing : NULL;
     s->backing = link ? strdup(o->backing) : NULL;
