@@ -45,10 +45,17 @@ struct nbd_exports {
     /* Calls fn for every export (NBD_OPT_LIST). */
     void (*list)(void *opaque, void (*fn)(void *arg, const struct nbd_export *exp), void *arg);
     void *opaque;
+    /* Requests of one connection executed at once, each on its own thread (at most
+     * NBD_MAX_THREADS); replies then leave in completion order. 0 or 1: one request at a
+     * time, answered in the order received. */
+    unsigned threads;
 };
 
-/* Serve one client on fd until it disconnects; closes nothing. Returns 0 on a clean
- * disconnect, -errno on a protocol or I/O failure. */
+#define NBD_MAX_THREADS 64
+
+/* Serve one client on fd until it disconnects; closes nothing (after a protocol or socket
+ * error the socket is shut down). Returns once no request of the client is executing any
+ * more: 0 on a clean disconnect, -errno on a protocol or I/O failure. */
 int nbd_serve(int fd, const struct nbd_exports *exports);
 
 #endif
