@@ -56,6 +56,11 @@ static int block_finish(struct m_ctx *x, struct m_domain *d, struct m_disk *k, e
     if (x->live && !(flags & MGR_DRY_RUN)) {
         return live_job_begin(x, d, k, op, o, err);
     }
+    if (!x->live && o->keep_overlay) {
+        return ct_err_set(err, -EINVAL,
+                          "--keep-overlay needs a running domain; offline, a commit always "
+                          "pivots to the base");
+    }
     if (x->live) {
         x->live = false; /* a dry run shows the plan as the offline job would run it */
         m_probe_set_force_share(false);

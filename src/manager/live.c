@@ -280,6 +280,15 @@ static char *node_name_for(const char *dom, const char *target)
     return mgr_xasprintf("ct%08x-%s", h, t);
 }
 
+static char *overlay_node_name(const char *file)
+{
+    uint32_t h = 2166136261u;
+    for (const char *p = file; *p; p++) {
+        h = (h ^ (uint8_t)*p) * 16777619u;
+    }
+    return mgr_xasprintf("ov%08x", h);
+}
+
 /* ---- runstate ---- */
 
 struct runrow {
@@ -976,6 +985,10 @@ static int run_actions(struct mgr *m, const struct m_step *st, bool undo, struct
             json_object *data = json_object_new_object();
             json_object_object_add(data, "node-name", json_object_new_string(ln->name));
             json_object_object_add(data, "snapshot-file", json_object_new_string(ov));
+            /* QEMU names the new node (the export moves onto it); cowtreed keeps the node. */
+            char *sn = overlay_node_name(ov);
+            json_object_object_add(data, "snapshot-node-name", json_object_new_string(sn));
+            free(sn);
             json_object_object_add(data, "format", json_object_new_string(qmp_str(a, "format")));
             json_object_object_add(data, "mode",
                                    json_object_new_string(qmp_bool(a, "existing", false)
@@ -1130,9 +1143,10 @@ static int jobrow_find(struct mgr *m, const char *dom, const char *target, struc
     return r;
 }
 
-static int jobrow_note_sent(struct mgr *m, struct jobrow *jr, const char *sent, struct ct_err *err)
+static int jobrow_note(struct mgr *m, struct jobrow *jr, const char *key, const char *val,
+                       struct ct_err *err)
 {
-    json_object_object_add(jr->args, "sent", json_object_new_string(sent));
+    json_object_object_add(jr->args, key, json_object_new_string(val));
     char *sql = sqlite3_mprintf("UPDATE livejobs SET args=%Q WHERE domain=%Q AND target=%Q",
                                 json_object_to_json_string_ext(jr->args, JSON_C_TO_STRING_PLAIN),
                                 jr->dom, jr->target);
@@ -1273,6 +1287,31 @@ int live_job_done_finish(struct m_ctx *x, struct mgr_plan **plan_out, struct ct_
     return ctx_finish(x, false, plan_out, err);
 }
 
+static const char *const outcome_names[] = {"success", "aborted", "failed"};
+
+/* The job concluded with oc: note the outcome in its row, dismiss it, record it. The note
+ * lets the next command record a dismissed job's end (QEMU 7.2's storage daemon crashes on
+ * query-named-block-nodes while a concluded stream job waits to be dismissed, so the job is
+ * dismissed before the catalog work, which queries the nodes). */
+static int end_job(struct mgr *m, struct jobrow *jr, enum outcome oc, const char *why,
+                   struct ct_err *err)
+{
+    int r = jobrow_note(m, jr, "outcome", outcome_names[oc], err);
+    if (r == 0 && why) {
+        r = jobrow_note(m, jr, "error", why, err);
+    }
+    if (r < 0) {
+        return r;
+    }
+    if (m->qmp) {
+        json_object *a = json_object_new_object();
+        json_object_object_add(a, "id", json_object_new_string(jr->job));
+        struct ct_err e2 = {0};
+        (void)qmp_execute(m->qmp, "job-dismiss", a, NULL, &e2);
+    }
+    return conclude(m, jr, oc, why, err);
+}
+
 enum follow_mode { F_END, F_SYNC, F_PIVOT, F_ABORT_READY };
 
 static void progress(struct mgr *m, const char *type, uint64_t done, uint64_t total, int *last)
@@ -1353,7 +1392,7 @@ static int follow(struct mgr *m, struct jobrow *jr, enum follow_mode mode, struc
             if (mode == F_PIVOT || mode == F_ABORT_READY) {
                 progress(m, jr->type, ji.len, ji.len, &last);
                 flock(m->lock_fd, LOCK_EX);
-                r = jobrow_note_sent(m, jr, mode == F_PIVOT ? "complete" : "cancel", err);
+                r = jobrow_note(m, jr, "sent", mode == F_PIVOT ? "complete" : "cancel", err);
                 flock(m->lock_fd, LOCK_UN);
                 json_object *a = json_object_new_object();
                 json_object_object_add(a, "device", json_object_new_string(jr->job));
@@ -1392,14 +1431,7 @@ static int follow(struct mgr *m, struct jobrow *jr, enum follow_mode mode, struc
     if (last < 100 && oc == OUT_SUCCESS) {
         progress(m, jr->type, 1, 1, &last);
     }
-    r = conclude(m, &cur, oc, why, err);
-    if (r == 0 || oc == OUT_FAILED) {
-        /* Dismissed only once recorded: until then the next command finds it concluded. */
-        json_object *a = json_object_new_object();
-        json_object_object_add(a, "id", json_object_new_string(jr->job));
-        struct ct_err e2 = {0};
-        (void)qmp_execute(m->qmp, "job-dismiss", a, NULL, &e2);
-    }
+    r = end_job(m, &cur, oc, why, err);
     jobrow_fini(&cur);
     free(why);
     return r < 0 ? r : oc == OUT_SUCCESS ? MGR_JOB_DONE : MGR_JOB_ABORTED;
@@ -1670,7 +1702,7 @@ int mgr_blockjob_end(struct mgr *m, const char *dom, const char *disk, bool pivo
         r = ct_err_set(err, -EINVAL, "only an active commit or a copy can pivot");
     }
     if (r == 0 && ji.exists && strcmp(ji.status, "concluded") != 0) {
-        r = jobrow_note_sent(m, &jr, pivot ? "complete" : "cancel", err);
+        r = jobrow_note(m, &jr, "sent", pivot ? "complete" : "cancel", err);
         json_object *a = json_object_new_object();
         json_object_object_add(a, "device", json_object_new_string(jr.job));
         if (r == 0) {
@@ -1733,16 +1765,25 @@ int live_jobs_sync(struct mgr *m, struct ct_err *err)
                           : why       ? (cancelled ? OUT_ABORTED : OUT_FAILED)
                           : cancelled ? OUT_ABORTED
                                       : OUT_SUCCESS;
+        const char *noted = qmp_str(v[i].args, "outcome");
+        if (noted) {
+            /* Dismissed by a command that could not record its end: do it now. */
+            oc = mgr_streq(noted, "success")   ? OUT_SUCCESS
+                 : mgr_streq(noted, "aborted") ? OUT_ABORTED
+                                               : OUT_FAILED;
+            if (!why && qmp_str(v[i].args, "error")) {
+                why = mgr_xstrdup(qmp_str(v[i].args, "error"));
+            }
+        }
         /* A failure to record the end is not this command's failure: the row stays and the
          * next command (or `blockjob`) tries again; reconcile shows the disagreement. */
         struct ct_err e2 = {0};
-        int cr = conclude(m, &v[i], oc, why, &e2);
-        free(why);
-        if ((cr == 0 || oc == OUT_FAILED) && ji.exists && m->qmp) {
-            json_object *a = json_object_new_object();
-            json_object_object_add(a, "id", json_object_new_string(v[i].job));
-            (void)qmp_execute(m->qmp, "job-dismiss", a, NULL, NULL);
+        if (ji.exists) {
+            (void)end_job(m, &v[i], oc, why, &e2);
+        } else {
+            (void)conclude(m, &v[i], oc, why, &e2);
         }
+        free(why);
         if (r >= 0) {
             r = m->qmp ? 1 : 0;
         }
