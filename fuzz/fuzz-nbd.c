@@ -3,7 +3,8 @@
  * transmission requests with their payloads). The real server, nbd_serve(), runs on one end of
  * a socketpair against two in-memory exports ("" and "disk": writable; "ro": read-only with a
  * description); fuzz-peer.c sends the input, shuts down the write side and collects the
- * replies.
+ * replies. Every input is served twice: by the ordered server (nbd_exports.threads = 0, one
+ * request at a time) and by the threaded one (4 workers, replies in completion order).
  *
  * Oracles, besides the sanitizers:
  *   E1. the server calls the export only inside the export (offset + length <= size), never
@@ -18,8 +19,14 @@
  *       REQ_ONE, and never describe more than was asked;
  *   E3. the server sends nothing after a disconnect, an abort, or a request it cannot frame.
  * The model stops quietly where the input runs out (the server then sees EOF mid-message).
+ * For the threaded server the model matches replies to requests by cookie instead of order
+ * (inputs with two requests of one cookie are not modelled): each reply answers a request
+ * not answered yet, goes out whole, and its read data is what one of the export's reads
+ * returned; when the stream ends cleanly (EOF or DISC, not a protocol error, after which the
+ * socket is shut down) every request has been answered.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -40,6 +47,7 @@
 enum { B_DATA, B_ZERO, B_HOLE, B_BACKING };
 
 struct mem_export {
+    pthread_mutex_t lock; /* the threaded server calls the export from several workers */
     uint8_t *data;
     uint8_t state[NBLOCKS];
     /* Successful preads in order (offset, length, FNV-1a of the data): the model checks that
@@ -76,7 +84,7 @@ static uint64_t ex_size(void *opaque)
     return EXPORT_SIZE;
 }
 
-static int ex_pread(void *opaque, void *buf, uint32_t len, uint64_t off)
+static int ex_pread_locked(void *opaque, void *buf, uint32_t len, uint64_t off)
 {
     struct mem_export *x = opaque;
     check_range("pread", off, len);
@@ -106,7 +114,7 @@ static void set_state(struct mem_export *x, uint64_t off, uint64_t len, int s)
     }
 }
 
-static int ex_pwrite(void *opaque, const void *buf, uint32_t len, uint64_t off, bool fua)
+static int ex_pwrite_locked(void *opaque, const void *buf, uint32_t len, uint64_t off, bool fua)
 {
     struct mem_export *x = opaque;
     if (x == &ro_exp) {
@@ -126,7 +134,7 @@ static int ex_flush(void *opaque)
     return 0;
 }
 
-static int ex_trim(void *opaque, uint32_t len, uint64_t off, bool fua)
+static int ex_trim_locked(void *opaque, uint32_t len, uint64_t off, bool fua)
 {
     struct mem_export *x = opaque;
     if (x == &ro_exp) {
@@ -144,7 +152,7 @@ static int ex_trim(void *opaque, uint32_t len, uint64_t off, bool fua)
     return 0;
 }
 
-static int ex_zero(void *opaque, uint32_t len, uint64_t off, bool may_trim, bool fua)
+static int ex_zero_locked(void *opaque, uint32_t len, uint64_t off, bool may_trim, bool fua)
 {
     struct mem_export *x = opaque;
     if (x == &ro_exp) {
@@ -183,14 +191,42 @@ static int extent(struct mem_export *x, uint64_t off, uint64_t len, struct nbd_e
     return 0;
 }
 
+#define LOCKED(x, call)                                                                            \
+    do {                                                                                           \
+        pthread_mutex_lock(&(x)->lock);                                                            \
+        int r_ = (call);                                                                           \
+        pthread_mutex_unlock(&(x)->lock);                                                          \
+        return r_;                                                                                 \
+    } while (0)
+
+static int ex_pread(void *opaque, void *buf, uint32_t len, uint64_t off)
+{
+    LOCKED((struct mem_export *)opaque, ex_pread_locked(opaque, buf, len, off));
+}
+
+static int ex_pwrite(void *opaque, const void *buf, uint32_t len, uint64_t off, bool fua)
+{
+    LOCKED((struct mem_export *)opaque, ex_pwrite_locked(opaque, buf, len, off, fua));
+}
+
+static int ex_trim(void *opaque, uint32_t len, uint64_t off, bool fua)
+{
+    LOCKED((struct mem_export *)opaque, ex_trim_locked(opaque, len, off, fua));
+}
+
+static int ex_zero(void *opaque, uint32_t len, uint64_t off, bool may_trim, bool fua)
+{
+    LOCKED((struct mem_export *)opaque, ex_zero_locked(opaque, len, off, may_trim, fua));
+}
+
 static int ex_block_status(void *opaque, uint64_t off, uint64_t len, struct nbd_extent *out)
 {
-    return extent(opaque, off, len, out, false);
+    LOCKED((struct mem_export *)opaque, extent(opaque, off, len, out, false));
 }
 
 static int ex_alloc_depth(void *opaque, uint64_t off, uint64_t len, struct nbd_extent *out)
 {
-    return extent(opaque, off, len, out, true);
+    LOCKED((struct mem_export *)opaque, extent(opaque, off, len, out, true));
 }
 
 static const struct nbd_export_ops mem_ops = {
@@ -241,6 +277,14 @@ static const struct nbd_exports exports = {
     .list = exports_list,
 };
 
+/* The same exports served by 4 workers per connection: replies in completion order. */
+static const struct nbd_exports exports_threaded = {
+    .find = exports_find,
+    .release = exports_release,
+    .list = exports_list,
+    .threads = 4,
+};
+
 static uint8_t *tmpl_data, tmpl_state[NBLOCKS];
 
 static void reset_export(struct mem_export *x)
@@ -270,6 +314,8 @@ static void make_template(struct mem_export *x)
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     fz_verbose = getenv("FUZZ_VERBOSE") != NULL;
+    pthread_mutex_init(&rw_exp.lock, NULL);
+    pthread_mutex_init(&ro_exp.lock, NULL);
     rw_exp.data = malloc(EXPORT_SIZE);
     ro_exp.data = malloc(EXPORT_SIZE);
     tmpl_data = malloc(EXPORT_SIZE);
@@ -286,7 +332,7 @@ static int serve_result;
 
 static void serve(int fd, void *opaque)
 {
-    serve_result = nbd_serve(fd, &exports);
+    serve_result = nbd_serve(fd, opaque);
 }
 
 /* ---- the lockstep model ---- */
@@ -315,6 +361,7 @@ struct model {
     int set_ctx;      /* ids announced by the SET_META_CONTEXT being answered */
     unsigned read;    /* successful reads answered so far */
     unsigned replies; /* requests whose replies were checked */
+    bool unordered;   /* threaded server: replies in completion order */
     struct mem_export *exp;
 };
 
@@ -447,6 +494,22 @@ static bool negotiate(struct model *m)
 
 static void check_read_data(struct model *m, uint64_t off, const uint8_t *data, uint32_t len)
 {
+    if (m->unordered) {
+        /* Reads complete in any order: the data must be what one of them returned. */
+        m->read++;
+        if (m->exp->nreads > MAX_READS) {
+            return;
+        }
+        uint64_t h = fnv(data, len, 0xcbf29ce484222325ull);
+        for (unsigned i = 0; i < m->exp->nreads; i++) {
+            if (m->exp->reads[i].off == off && m->exp->reads[i].len == len &&
+                m->exp->reads[i].hash == h) {
+                return;
+            }
+        }
+        fz_die("E2: read reply (off %llu, %u bytes) matches no read of the export",
+               (unsigned long long)off, len);
+    }
     unsigned k = m->read++;
     if (k >= MAX_READS || k >= m->exp->nreads) {
         if (k >= m->exp->nreads) {
@@ -622,26 +685,146 @@ static void transmission(struct model *m)
     }
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+/* ---- the model of the threaded server: replies matched by cookie ---- */
+
+struct pending {
+    uint64_t cookie, off;
+    uint32_t len;
+    uint16_t type, flags;
+    bool done;
+};
+
+static void transmission_unordered(struct model *m)
+{
+    static struct pending q[8192];
+    size_t nq = 0;
+    bool clean = true; /* the server ends on EOF or DISC: every request gets its reply */
+    while (nq < sizeof(q) / sizeof(q[0]) && avail(&m->in, 28)) {
+        const uint8_t *h = take(&m->in, 28);
+        if (ld_be32(h) != NBD_REQUEST_MAGIC) {
+            clean = false; /* protocol error: the socket is shut down, replies may be lost */
+            break;
+        }
+        struct pending p = {.flags = ld_be16(h + 4),
+                            .type = ld_be16(h + 6),
+                            .cookie = ld_be64(h + 8),
+                            .off = ld_be64(h + 16),
+                            .len = ld_be32(h + 24)};
+        if (p.type == NBD_CMD_DISC) {
+            break;
+        }
+        if (p.type == NBD_CMD_WRITE && p.len > NBD_MAX_REQUEST) {
+            q[nq++] = p;
+            clean = false;
+            break;
+        }
+        if (p.type == NBD_CMD_WRITE) {
+            if (!avail(&m->in, p.len)) {
+                break; /* EOF inside the payload: the request is not executed */
+            }
+            m->in.pos += p.len;
+        }
+        for (size_t i = 0; i < nq; i++) {
+            if (q[i].cookie == p.cookie) {
+                return; /* duplicate cookies in flight: replies cannot be told apart */
+            }
+        }
+        q[nq++] = p;
+    }
+    if (nq == sizeof(q) / sizeof(q[0])) {
+        return;
+    }
+    while (m->out.pos < m->out.len) {
+        bool sr = m->structured;
+        size_t hl = sr ? 20 : 16;
+        if (!avail(&m->out, hl)) {
+            if (clean) {
+                fz_die("E2: a truncated reply at reply offset %zu", m->out.pos);
+            }
+            return;
+        }
+        const uint8_t *h = m->out.p + m->out.pos;
+        uint32_t magic = ld_be32(h);
+        if (magic != (sr ? NBD_STRUCTURED_REPLY_MAGIC : NBD_SIMPLE_REPLY_MAGIC)) {
+            fz_die("E2: %s reply without its magic at reply offset %zu",
+                   sr ? "structured" : "simple", m->out.pos);
+        }
+        uint64_t cookie = ld_be64(h + 8);
+        struct pending *p = NULL;
+        for (size_t i = 0; i < nq && !p; i++) {
+            if (q[i].cookie == cookie && !q[i].done) {
+                p = &q[i];
+            }
+        }
+        if (!p) {
+            fz_die("E2: a reply with cookie %#llx, which no unanswered request carries",
+                   (unsigned long long)cookie);
+        }
+        if (sr) {
+            if (!structured_reply(m, cookie, p->type, p->flags, p->off, p->len)) {
+                if (clean) {
+                    fz_die("E2: a truncated reply for cookie %#llx", (unsigned long long)cookie);
+                }
+                return;
+            }
+        } else {
+            m->out.pos += 16;
+            uint32_t err = ld_be32(h + 4);
+            if (p->type == NBD_CMD_READ && err == 0) {
+                if (!avail(&m->out, p->len)) {
+                    if (clean) {
+                        fz_die("E2: a truncated read reply for cookie %#llx",
+                               (unsigned long long)cookie);
+                    }
+                    return;
+                }
+                check_read_data(m, p->off, take(&m->out, p->len), p->len);
+            }
+        }
+        p->done = true;
+        m->replies++;
+    }
+    for (size_t i = 0; clean && i < nq; i++) {
+        if (!q[i].done) {
+            fz_die("E2: request %zu (command %u, cookie %#llx) was never answered", i, q[i].type,
+                   (unsigned long long)q[i].cookie);
+        }
+    }
+}
+
+/* One session against the ordered (threads = 0) or the threaded server. */
+static void run_session(const uint8_t *data, size_t size, bool threaded)
 {
     reset_export(&rw_exp);
     reset_export(&ro_exp);
     refs = 0;
     struct fz_peer_out out;
-    fz_peer_run(data, size, serve, NULL, MAX_KEEP, &out);
+    fz_peer_run(data, size, serve, (void *)(threaded ? &exports_threaded : &exports), MAX_KEEP,
+                &out);
     if (refs != 0) {
         fz_die("E1: %d export reference(s) not released", refs);
     }
     unsigned checked = 0, reads = 0;
     if (out.total <= out.len) {
-        struct model m = {.in = {data, size, 0}, .out = {out.buf, out.len, 0}};
+        struct model m = {
+            .in = {data, size, 0}, .out = {out.buf, out.len, 0}, .unordered = threaded};
         if (negotiate(&m)) {
-            transmission(&m);
+            if (threaded) {
+                transmission_unordered(&m);
+            } else {
+                transmission(&m);
+            }
         }
         checked = m.replies;
         reads = m.read;
     }
-    fz_log("nbd_serve: %d, %zu reply bytes, %u replies checked (%u reads)", serve_result, out.total,
-           checked, reads);
+    fz_log("nbd_serve (%s): %d, %zu reply bytes, %u replies checked (%u reads)",
+           threaded ? "4 workers" : "ordered", serve_result, out.total, checked, reads);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    run_session(data, size, false);
+    run_session(data, size, true);
     return 0;
 }
