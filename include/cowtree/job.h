@@ -184,12 +184,15 @@ struct ct_copy_opts {
     bool dst_is_zero;
     uint64_t min_sparse;
     bool compress; /* store data clusters compressed (qcow2 targets; convert -c) */
-    /* Parallel copy (convert -m N): nb_workers threads, worker w reading source i through
-     * worker_srcs[w * nb_srcs + i] (separately opened read-only handles of the same images:
-     * an image handle is not thread-safe). NULL or nb_workers < 2: one request at a time.
-     * Not used with compress or a backing file on dst (those stay sequential). */
+    /* Parallel copy (convert -m N): up to nb_workers threads, each reading through its own
+     * read-only handles of the sources (an image handle is not thread-safe), which it gets
+     * from open_src (called in that thread; src_index < nb_srcs; the job closes them). Threads
+     * are started one at a time, only while reads hold the copy back. open_src NULL or
+     * nb_workers < 2: one request at a time. Not used with compress or a backing file on dst
+     * (those stay sequential). */
     unsigned nb_workers;
-    struct ct_image *const *worker_srcs;
+    int (*open_src)(void *opaque, unsigned src_index, struct ct_image **out, struct ct_err *err);
+    void *open_opaque;
     bool out_of_order; /* qcow2 target: write chunks as they complete (convert -W) */
     bool copy_offload; /* raw to raw: copy_file_range, no zero detection in data (convert -C) */
 };

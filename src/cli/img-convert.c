@@ -14,8 +14,8 @@
  * without -O its format is probed rather than taken as raw. -c stores data clusters compressed
  * (zlib or zstd, per the target's compression_type), qcow2 targets only.
  *
- * -m N (1..16, default 8 as qemu-img) copies with N threads, each reading through its own
- * read-only handles of the sources (opened here: an image handle is not thread-safe; several
+ * -m N (1..16, default 8 as qemu-img) copies with up to N threads, each reading through its
+ * own read-only handles of the sources (open_src: an image handle is not thread-safe; several
  * read-only opens of one file take compatible locks). A raw target is written by the threads
  * directly; a qcow2 target by one writer in guest order, or as chunks complete with -W
  * (src/job/copy.c, "Parallel copy"). -c and -B copy one request at a time. -C (copy
@@ -38,6 +38,18 @@
     "[-W] [-m N] [-C] [-l SNAPSHOT_PARAM] [--target-is-zero] SRC... DST"
 
 enum { OPT_TARGET_IS_ZERO = 256, OPT_OBJECT, OPT_UNSUPPORTED };
+
+/* How a copy thread opens its own read-only handle of source i (job open_src callback). */
+struct src_open {
+    char **paths;
+    struct ct_open_opts opts;
+};
+
+static int open_src(void *opaque, unsigned i, struct ct_image **out, struct ct_err *err)
+{
+    const struct src_open *so = opaque;
+    return ct_image_open(out, so->paths[i], &so->opts, err);
+}
 
 int img_convert(int argc, char **argv)
 {
@@ -237,16 +249,15 @@ int img_convert(int argc, char **argv)
     struct ct_image **srcs = calloc((size_t)nsrc, sizeof(*srcs));
     struct ct_image *dst = NULL;
     struct ct_err err = {0};
-    /* Worker w's handle of source i: wsrcs[w * nsrc + i] (only for a parallel copy). */
     if (compress || backing) {
         nb_workers = 1;
     }
-    size_t nwh = nb_workers >= 2 ? (size_t)nb_workers * (size_t)nsrc : 0;
-    struct ct_image **wsrcs = calloc(nwh ? nwh : 1, sizeof(*wsrcs));
-    if (!srcs || !wsrcs) {
+    struct src_open so = {
+        .paths = argv + optind,
+        .opts = {.format = fmt, .flags = force_share ? CT_OPEN_FORCE_SHARE : 0, .snapshot = snap},
+    };
+    if (!srcs) {
         cli_error("out of memory");
-        free(srcs);
-        free(wsrcs);
         goto out;
     }
     uint64_t total = 0;
@@ -259,15 +270,6 @@ int img_convert(int argc, char **argv)
             goto out_imgs;
         }
         total += ct_image_size(srcs[i]);
-    }
-    for (size_t k = 0; k < nwh; k++) {
-        const char *p = argv[optind + (int)(k % (size_t)nsrc)];
-        struct ct_open_opts o = {
-            .format = fmt, .flags = force_share ? CT_OPEN_FORCE_SHARE : 0, .snapshot = snap};
-        if (ct_image_open(&wsrcs[k], p, &o, &err) < 0) {
-            cli_error_err(p, &err);
-            goto out_imgs;
-        }
     }
     if (!no_create) {
         co.size = total;
@@ -296,8 +298,9 @@ int img_convert(int argc, char **argv)
         .dst_is_zero = (!no_create || target_zero) && min_sparse != 0,
         .min_sparse = min_sparse,
         .compress = compress,
-        .nb_workers = nwh ? nb_workers : 1,
-        .worker_srcs = nwh ? wsrcs : NULL,
+        .nb_workers = nb_workers,
+        .open_src = open_src,
+        .open_opaque = &so,
         .out_of_order = out_of_order,
         .copy_offload = copy_offload,
     };
@@ -315,10 +318,6 @@ out_imgs:
     for (int i = 0; i < nsrc; i++) {
         ct_image_close(srcs[i], NULL);
     }
-    for (size_t k = 0; k < nwh; k++) {
-        ct_image_close(wsrcs[k], NULL);
-    }
-    free(wsrcs);
     free(srcs);
 out:
     free(optstr);

@@ -37,7 +37,8 @@ struct copy_state {
     bool compress;
     uint8_t *buf, *zbuf;
     unsigned nb_workers;
-    struct ct_image **wsrcs; /* nb_workers * n read handles */
+    int (*open_src)(void *opaque, unsigned src_index, struct ct_image **out, struct ct_err *err);
+    void *open_opaque;
     bool out_of_order, copy_offload;
 };
 
@@ -231,15 +232,19 @@ static int copy_one(struct ct_job *job, struct copy_state *s, struct ct_image *s
  *
  * The job's thread walks the sources' allocation (on srcs[], the handles the job was given)
  * and cuts the copy into items of at most the buffer size: a zero range or a data range.
- * nb_workers threads take queued items; worker w reads through its own handles
- * wsrcs[w * n + i], since a struct ct_image is not thread-safe. What happens next depends on
- * the target:
+ * Worker threads take queued items; each reads through its own handles of the sources, which
+ * it opens when it starts (open_src), since a struct ct_image is not thread-safe. Workers are
+ * started one at a time, and only when the job's thread is about to wait while items are
+ * queued, no worker is idle and none is still starting: when reading is what holds the copy
+ * back. A qcow2 target whose writer is the slower side thus runs with one or two readers (a
+ * deep chain is not opened eight more times for nothing); a raw target, written by the
+ * workers, grows to nb_workers. What happens to a read item depends on the target:
  *  - raw target: the worker writes the item itself through the one target handle. The raw
  *    driver's pwrite is a plain pwrite(2) on the file (no shared state), so N writes are in
  *    flight at once, overlapping the kernel's dirty-page throttling. A raw file has no
  *    allocation order, so raw writes go out as they complete (with or without -W).
  *  - qcow2 target: the job's thread is the single writer and owns the target handle. Items
- *    wait, read, in a bounded set of slots (nb_workers + 2 buffers) and are written in
+ *    wait, read, in a bounded set of slots (at most 6 buffers) and are written in
  *    ascending guest order, so host clusters are allocated in guest order as in a sequential
  *    copy; with out_of_order (-W) any read item is written as soon as it is ready.
  * Progress, the rate limit, pause and cancel stay in the job's thread: it accounts an item
@@ -272,21 +277,25 @@ struct copy_par {
     uint64_t bufsz;
     pthread_mutex_t lock;
     pthread_cond_t work; /* an item was queued, or stop */
-    pthread_cond_t done; /* an item completed */
+    pthread_cond_t done; /* an item completed, a worker is up, or a worker failed */
     bool stop;
+    unsigned idle;     /* workers waiting for an item */
+    unsigned starting; /* workers opening their handles */
+    int fatal;         /* a worker could not start: fatal_err says why */
+    struct ct_err fatal_err;
 };
 
 struct copy_worker {
     struct copy_par *p;
-    unsigned index;
+    struct ct_image **srcs; /* its own handles, one per source */
     pthread_t tid;
 };
 
 /* Read (and for a raw target write) one item in a worker. */
-static int par_process(struct copy_par *p, struct copy_slot *sl, unsigned w)
+static int par_process(struct copy_par *p, struct copy_slot *sl, struct copy_worker *wk)
 {
     struct copy_state *s = p->s;
-    struct ct_image *src = s->wsrcs[w * s->n + sl->src];
+    struct ct_image *src = wk->srcs[sl->src];
     if (sl->zero) {
         int r = write_zeroes(s, sl->len, sl->dst_off);
         return r < 0 ? job_io_error(&sl->err, r, "writing to", s->dst, sl->dst_off) : 0;
@@ -316,10 +325,26 @@ static void *par_worker(void *opaque)
 {
     struct copy_worker *wk = opaque;
     struct copy_par *p = wk->p;
+    struct copy_state *s = p->s;
+    struct ct_err err = {0};
+    int r = 0;
+    for (unsigned i = 0; r == 0 && i < s->n; i++) {
+        r = s->open_src(s->open_opaque, i, &wk->srcs[i], &err);
+        if (r == 0 && ct_image_size(wk->srcs[i]) != ct_image_size(s->srcs[i])) {
+            r = ct_err_set(&err, -EINVAL, "a copy thread's handle of '%s' differs in size",
+                           ct_image_filename(s->srcs[i]));
+        }
+    }
     pthread_mutex_lock(&p->lock);
+    p->starting--;
+    if (r < 0 && !p->fatal) {
+        p->fatal = r;
+        p->fatal_err = err;
+    }
+    pthread_cond_broadcast(&p->done);
     for (;;) {
         struct copy_slot *sl = NULL;
-        while (!p->stop) {
+        while (!p->stop && r == 0) {
             for (unsigned i = 0; i < p->nslots; i++) {
                 struct copy_slot *c = &p->slots[i];
                 if (c->state == SLOT_QUEUED && (!sl || c->seq < sl->seq)) {
@@ -329,16 +354,18 @@ static void *par_worker(void *opaque)
             if (sl) {
                 break;
             }
+            p->idle++;
             pthread_cond_wait(&p->work, &p->lock);
+            p->idle--;
         }
-        if (p->stop) {
+        if (p->stop || r < 0) {
             break;
         }
         sl->state = SLOT_RUNNING;
         pthread_mutex_unlock(&p->lock);
-        int r = par_process(p, sl, wk->index);
+        int pr = par_process(p, sl, wk);
         pthread_mutex_lock(&p->lock);
-        sl->r = r;
+        sl->r = pr;
         sl->state = SLOT_DONE;
         pthread_cond_broadcast(&p->done);
     }
@@ -427,12 +454,16 @@ static int copy_parallel(struct ct_job *job, struct copy_state *s, struct ct_err
 {
     struct copy_par p = {.s = s, .bufsz = job_buf_bytes(job)};
     p.raw_dst = strcmp(ct_image_format(s->dst), "raw") == 0;
-    p.nslots = s->nb_workers + 2;
+    /* Raw target: a slot per worker writing, two more being cut. qcow2 target: enough read
+     * ahead to keep the writer busy; more would only hold memory. */
+    p.nslots = (p.raw_dst ? s->nb_workers : CT_MIN(s->nb_workers, 4u)) + 2;
     p.slots = calloc(p.nslots, sizeof(*p.slots));
     struct copy_worker *wk = calloc(s->nb_workers, sizeof(*wk));
-    if (!p.slots || !wk) {
+    struct ct_image **handles = calloc((size_t)s->nb_workers * s->n, sizeof(*handles));
+    if (!p.slots || !wk || !handles) {
         free(p.slots);
         free(wk);
+        free(handles);
         return ct_err_set(err, -ENOMEM, "out of memory");
     }
     pthread_mutex_init(&p.lock, NULL);
@@ -440,15 +471,6 @@ static int copy_parallel(struct ct_job *job, struct copy_state *s, struct ct_err
     pthread_cond_init(&p.done, NULL);
     unsigned started = 0;
     int ret = 0;
-    for (; started < s->nb_workers; started++) {
-        wk[started].p = &p;
-        wk[started].index = started;
-        int e = pthread_create(&wk[started].tid, NULL, par_worker, &wk[started]);
-        if (e) {
-            ret = ct_err_set(err, -e, "cannot start a copy thread: %s", ct_strerror(-e));
-            break;
-        }
-    }
     unsigned src = 0;
     uint64_t pos = 0, dst_base = 0, next_seq = 0, write_seq = 0;
     bool produced_all = false;
@@ -478,12 +500,39 @@ static int copy_parallel(struct ct_job *job, struct copy_state *s, struct ct_err
                     free_slot = c;
                 }
             }
-            if (ready || (free_slot && !produced_all) || inflight == 0) {
+            if (p.fatal || ready || (free_slot && !produced_all) || inflight == 0) {
                 break;
+            }
+            /* About to wait: start one more worker if reading is what we wait for. */
+            unsigned queued = 0;
+            for (unsigned i = 0; i < p.nslots; i++) {
+                queued += p.slots[i].state == SLOT_QUEUED;
+            }
+            if (queued && !p.idle && !p.starting && started < s->nb_workers) {
+                struct copy_worker *w = &wk[started];
+                w->p = &p;
+                w->srcs = handles + (size_t)started * s->n;
+                int e = pthread_create(&w->tid, NULL, par_worker, w);
+                if (e == 0) {
+                    started++;
+                    p.starting++;
+                    continue;
+                }
+                if (!started) {
+                    p.fatal = ct_err_set(&p.fatal_err, -e, "cannot start a copy thread: %s",
+                                         ct_strerror(-e));
+                    break;
+                }
             }
             pthread_cond_wait(&p.done, &p.lock);
         }
+        int fatal = p.fatal;
         pthread_mutex_unlock(&p.lock);
+        if (fatal) {
+            *err = p.fatal_err;
+            ret = fatal;
+            break;
+        }
         if (ready) {
             ret = par_finish(job, &p, ready, err);
             if (ready->seq == write_seq) {
@@ -527,6 +576,10 @@ static int copy_parallel(struct ct_job *job, struct copy_state *s, struct ct_err
     for (unsigned i = 0; i < started; i++) {
         pthread_join(wk[i].tid, NULL);
     }
+    for (size_t i = 0; i < (size_t)started * s->n; i++) {
+        ct_image_close(handles[i], NULL);
+    }
+    free(handles);
     for (unsigned i = 0; i < p.nslots; i++) {
         free(p.slots[i].buf);
     }
@@ -610,7 +663,6 @@ static void copy_free(struct ct_job *job)
         free(s->buf);
         free(s->zbuf);
         free(s->srcs);
-        free(s->wsrcs);
         free(s);
     }
 }
@@ -650,24 +702,10 @@ int ct_job_copy_create(struct ct_job **out, const struct ct_copy_opts *o,
     s->compress = o->compress;
     s->out_of_order = o->out_of_order;
     s->copy_offload = o->copy_offload;
-    if (o->nb_workers >= 2 && o->worker_srcs) {
-        size_t nh = (size_t)o->nb_workers * o->nb_srcs;
-        s->wsrcs = calloc(nh, sizeof(*s->wsrcs));
-        if (!s->wsrcs) {
-            free(s->srcs);
-            free(s);
-            return ct_err_set(err, -ENOMEM, "out of memory");
-        }
-        memcpy(s->wsrcs, o->worker_srcs, nh * sizeof(*s->wsrcs));
+    if (o->nb_workers >= 2 && o->open_src) {
         s->nb_workers = o->nb_workers;
-        for (size_t i = 0; i < nh; i++) {
-            if (ct_image_size(s->wsrcs[i]) != ct_image_size(s->srcs[i % o->nb_srcs])) {
-                free(s->wsrcs);
-                free(s->srcs);
-                free(s);
-                return ct_err_set(err, -EINVAL, "a worker's source handle differs in size");
-            }
-        }
+        s->open_src = o->open_src;
+        s->open_opaque = o->open_opaque;
     }
     return job_create(out, &copy_driver, s, jo, err);
 }
