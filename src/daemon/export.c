@@ -288,5 +288,5 @@ const struct nbd_exports node_exports = {
     .find = exports_find,
     .release = exports_release,
     .list = exports_list,
-    .threads = 16, /* requests in flight per connection executed at once (docs/daemon.md) */
+    .threads = 8, /* requests of one connection executed at once (docs/daemon.md) */
 };
