@@ -1872,8 +1872,17 @@ static int block_parse(int argc, char **argv, const char *usage, struct block_ar
         case 'v':
             verbose = true;
             break;
-        case 'T':
+        case 'T': {
+            char *end;
+            unsigned long v = strtoul(optarg, &end, 10);
+            if (*end || optarg[0] == '-' || v == 0) {
+                cli_error("error: invalid --timeout '%s'", optarg);
+                return EXIT_USAGE;
+            }
+            a->o.timeout_s = (unsigned)v;
+            a->o.wait = true;
             break;
+        }
         case 'B': {
             char *end;
             unsigned long long v = strtoull(optarg, &end, 10);

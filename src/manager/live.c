@@ -730,6 +730,12 @@ int live_plan(struct m_ctx *x, struct ct_err *err)
 {
     struct m_domain *d = m_domain_find(x->cat, x->live_dom);
     struct mgr_plan *p = x->plan;
+    if (p->ns > 0 && live_jobs_pending(x->m, x->live_dom)) {
+        return ct_err_set(err, -CT_E_BUSY,
+                          "cannot %s: domain %s has an active block job (see `cowtree blockjob`; "
+                          "end it with --pivot or --abort first)",
+                          p->op ? p->op : "do this", x->live_dom);
+    }
     json_object *create = json_object_new_array();
     char **absorbed = NULL; /* overlays the daemon creates */
     size_t nabsorbed = 0;
@@ -1325,16 +1331,38 @@ static void progress(struct mgr *m, const char *type, uint64_t done, uint64_t to
 }
 
 /* Follow the job to the point mode asks for, with the home lock released meanwhile. */
-static int follow(struct mgr *m, struct jobrow *jr, enum follow_mode mode, struct ct_err *err)
+static int follow(struct mgr *m, struct jobrow *jr, enum follow_mode mode, unsigned timeout_s,
+                  struct ct_err *err)
 {
     static const char *const names[] = {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
                                         "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", NULL};
     int last = -1, r = 0;
-    bool acted = false, concluded = false;
+    bool acted = false, concluded = false, timed_out = false;
     char *why = NULL;
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     flock(m->lock_fd, LOCK_UN);
     for (;;) {
         json_object *ev = NULL;
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (timeout_s && !timed_out && now.tv_sec - t0.tv_sec >= (time_t)timeout_s) {
+            /* virsh's --timeout: abort the job, then follow it to its end. */
+            timed_out = acted = true;
+            flock(m->lock_fd, LOCK_EX);
+            r = jobrow_note(m, jr, "sent", "cancel", err);
+            flock(m->lock_fd, LOCK_UN);
+            json_object *a = json_object_new_object();
+            json_object_object_add(a, "device", json_object_new_string(jr->job));
+            if (r == 0) {
+                r = qmp_execute(m->qmp, "block-job-cancel", a, NULL, err);
+            } else {
+                json_object_put(a);
+            }
+            if (r < 0) {
+                break;
+            }
+        }
         r = qmp_wait_event(m->qmp, names, jr->job, 250, &ev, err);
         if (r == -ETIMEDOUT) {
             r = 0;
@@ -1621,7 +1649,7 @@ int live_job_begin(struct m_ctx *x, struct m_domain *d, struct m_disk *k, enum l
     bool found;
     r = jobrow_find(m, d->name, k->target, &jr, &found, err);
     if (r == 0 && found) {
-        r = follow(m, &jr, mode, err);
+        r = follow(m, &jr, mode, o->timeout_s, err);
     }
     jobrow_fini(&jr);
     free(job);
@@ -1713,7 +1741,7 @@ int mgr_blockjob_end(struct mgr *m, const char *dom, const char *disk, bool pivo
         }
     }
     if (r == 0) {
-        r = async ? (pivot ? MGR_JOB_DONE : MGR_JOB_ABORTED) : follow(m, &jr, F_END, err);
+        r = async ? (pivot ? MGR_JOB_DONE : MGR_JOB_ABORTED) : follow(m, &jr, F_END, 0, err);
     }
     jobrow_fini(&jr);
     return r;

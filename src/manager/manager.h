@@ -207,10 +207,11 @@ struct mgr_block_opts {
     bool reuse_external, pivot;
     /* Running domains (live jobs in the daemon). Without wait the job is left running (the
      * call returns 1); `blockjob` follows it. */
-    bool wait;         /* wait for the end (implied by pivot, keep_overlay and finish) */
-    bool active;       /* --active: the top may be the active layer (two-phase commit) */
-    bool keep_overlay; /* active commit: end by abort once synchronized (the top stays) */
-    bool finish;       /* blockcopy: end by abort once synchronized (a point-in-time copy) */
+    bool wait;          /* wait for the end (implied by pivot, keep_overlay and finish) */
+    bool active;        /* --active: the top may be the active layer (two-phase commit) */
+    bool keep_overlay;  /* active commit: end by abort once synchronized (the top stays) */
+    bool finish;        /* blockcopy: end by abort once synchronized (a point-in-time copy) */
+    unsigned timeout_s; /* with wait: abort the job after this many seconds (0: never) */
 };
 
 /* Results of a live block job call (> 0). */

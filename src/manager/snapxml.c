@@ -238,6 +238,12 @@ int snapxml_parse_input(const char *xml, struct snapxml_in *in, struct ct_err *e
         if (!dk->name) {
             r = ct_err_set(err, -EINVAL, "a <disk> of the snapshot has no name");
         }
+        for (size_t i = 0; r == 0 && i + 1 < in->nd; i++) {
+            if (strcmp(in->disks[i].name, dk->name) == 0) {
+                /* One disk, one snapshot mode (libvirt refuses it the same way). */
+                r = ct_err_set(err, -EINVAL, "disk '%s' is given twice in the snapshot", dk->name);
+            }
+        }
         if (r < 0) {
             goto out;
         }

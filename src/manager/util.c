@@ -97,6 +97,9 @@ static void sb_grow(struct sbuf *b, size_t add)
 
 void sb_addf(struct sbuf *b, const char *fmt, ...)
 {
+    if (!fmt) {
+        return; /* never; tells gcc's sanitizer builds the format is not NULL */
+    }
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(NULL, 0, fmt, ap);

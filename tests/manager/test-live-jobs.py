@@ -165,6 +165,8 @@ def run(env):
     expect("active block job" in r.stderr, r.stderr)
     r = env.run("blockcommit", "d", "vda", "--active", "--force", rc=4)
     expect("already has an active block job" in r.stderr, r.stderr)
+    r = env.run("snapshot-create-as", "d", "busy", "--disk-only", rc=4)
+    expect("active block job" in r.stderr, r.stderr)
     wait_for("the commit's synchronized phase", lambda: jobinfo(env).get("ready"))
     info = env.run("blockjob", "d", "vda", "--info").stdout
     expect(info.startswith("Active Block Commit: [100 %]"), info)
@@ -174,7 +176,8 @@ def run(env):
     m.compare(env, what="disk after the aborted commit")
     m.compare(env, image=c[1], what="the commit base (holds the top's data too)")
     check_all(env)
-    ok("async blockcommit --active: job listed, shutdown refused, --abort keeps the overlay")
+    ok("async blockcommit --active: job listed, shutdown, a second job and snapshots refused, "
+       "--abort keeps the overlay")
 
     # ---- async pull with a bandwidth limit, raised, ended while nobody waits ----
     r = env.run("blockpull", "d", "vda", "--bandwidth", "1", "--force")
@@ -225,6 +228,14 @@ def run(env):
     m.compare(env, image=c[1], what="the base after --keep-overlay")
     check_all(env)
     ok("blockcommit --active --keep-overlay: the base holds the data, the overlay stays active")
+
+    # ---- --timeout aborts a job that takes too long ----
+    r = env.run("blockpull", "d", "vda", "--bandwidth", "1", "--force", "--timeout", "1")
+    expect(jobinfo(env) == {"active": False}, jobinfo(env))
+    expect(chain(env) == c, chain(env))
+    m.compare(env, what="disk after a pull aborted by --timeout")
+    check_all(env)
+    ok("--timeout aborts a throttled pull: chain unchanged, data kept")
 
     # ---- the daemon dies during a job ----
     env.run("blockpull", "d", "vda", "--bandwidth", "1", "--force")
