@@ -1604,6 +1604,14 @@ static void print_plan(const struct mgr_plan *p, const char *op, const char *dom
             printf("  remove    %s\n", v.path);
         } else if (strcmp(v.action, "copy") == 0) {
             printf("  copy      %s to %s (up to %" PRIu64 " bytes)\n", v.other, v.path, v.bytes);
+        } else if (strcmp(v.action, "live") == 0) {
+            if (v.name && strcmp(v.name, "commit") == 0) {
+                printf("  commit    %s into its backing file, live (block-commit in the "
+                       "daemon)\n",
+                       v.path);
+            } else {
+                printf("  live      %s (QMP: %s)\n", v.path ? v.path : "every disk", v.other);
+            }
         } else if (strcmp(v.action, "materialize") == 0) {
             printf("  create    %s (state of internal snapshot %s of %s, up to %" PRIu64
                    " bytes)\n",

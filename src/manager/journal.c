@@ -215,8 +215,9 @@ void mgr_plan_step(const struct mgr_plan *p, size_t i, struct mgr_step_view *v)
         break;
     case ST_LIVE:
         v->action = "live";
-        v->path = s->b;
-        v->other = s->a;
+        v->path = s->b;  /* the image concerned, when one stands out */
+        v->other = s->a; /* the QMP actions (JSON) */
+        v->name = s->c;  /* "commit", "job", or NULL for snapshot actions */
         v->writes = true;
         break;
     case ST_CATALOG:

@@ -746,6 +746,14 @@ int live_plan(struct m_ctx *x, struct ct_err *err)
         if (strcmp(before, after) == 0) {
             continue;
         }
+        bool committed = false; /* an active commit of before into after pivots the disk */
+        for (size_t j = 0; j < p->ns; j++) {
+            committed |= p->steps[j].kind == ST_COMMIT && mgr_streq(p->steps[j].a, before) &&
+                         mgr_streq(p->steps[j].b, after);
+        }
+        if (committed) {
+            continue;
+        }
         struct m_image *im = m_image_find(x->cat, after);
         if (!im || !mgr_streq(im->backing, before)) {
             r = ct_err_set(err, -CT_E_BUSY,
@@ -769,6 +777,15 @@ int live_plan(struct m_ctx *x, struct ct_err *err)
         json_object_array_add(create, a);
         absorbed = mgr_xrealloc(absorbed, (nabsorbed + 1) * sizeof(char *));
         absorbed[nabsorbed++] = mgr_xstrdup(after);
+    }
+    /* Images a live commit takes out of the daemon's chain: removable and relinked by it. */
+    char **leaving = NULL;
+    size_t nleaving = 0;
+    for (size_t i = 0; i < p->ns; i++) {
+        if (p->steps[i].kind == ST_COMMIT && in_list(x->inuse, x->ninuse, p->steps[i].a)) {
+            leaving = mgr_xrealloc(leaving, (nleaving + 1) * sizeof(char *));
+            leaving[nleaving++] = mgr_xstrdup(p->steps[i].a);
+        }
     }
     struct m_step *out = NULL;
     size_t nout = 0;
@@ -819,16 +836,39 @@ int live_plan(struct m_ctx *x, struct ct_err *err)
                 r = refuse(x, "change the internal snapshots of", s->a, err);
             }
             break;
-        case ST_INTERNAL_APPLY:
         case ST_REBASE:
-        case ST_PULL:
+            if (in_list(x->inuse, x->ninuse, s->a) && in_list(leaving, nleaving, s->d)) {
+                keep = false; /* the daemon's commit relinks the image above its top */
+            } else if (in_list(x->inuse, x->ninuse, s->a)) {
+                r = refuse(x, "rewrite", s->a, err);
+            }
+            break;
         case ST_REMOVE:
+            if (in_list(x->inuse, x->ninuse, s->a) && !in_list(leaving, nleaving, s->a)) {
+                r = refuse(x, "remove", s->a, err);
+            }
+            break;
+        case ST_INTERNAL_APPLY:
+        case ST_PULL:
             if (in_list(x->inuse, x->ninuse, s->a)) {
-                r = refuse(x, s->kind == ST_REMOVE ? "remove" : "rewrite", s->a, err);
+                r = refuse(x, "rewrite", s->a, err);
             }
             break;
         case ST_COMMIT:
-            if (in_list(x->inuse, x->ninuse, s->b) || is_live_top(x, s->a)) {
+            if (in_list(x->inuse, x->ninuse, s->a)) {
+                /* A layer of the daemon's chain: a live block-commit, run to its end. */
+                json_object *a = json_object_new_object();
+                json_object_object_add(a, "top", json_object_new_string(s->a));
+                json_object_object_add(a, "base", json_object_new_string(s->b));
+                json_object_object_add(a, "base-format", json_object_new_string(s->c));
+                json_object_object_add(a, "top-format", json_object_new_string(s->d));
+                json_object_object_add(a, "active", json_object_new_boolean(is_live_top(x, s->a)));
+                struct m_step ls = live_step(a, true, s->a);
+                json_object_put(a);
+                ls.c = mgr_xstrdup("commit");
+                steps_push(&out, &nout, &ls);
+                keep = false;
+            } else if (in_list(x->inuse, x->ninuse, s->b)) {
                 r = refuse(x, "commit into", s->b, err);
             }
             break;
@@ -855,6 +895,7 @@ int live_plan(struct m_ctx *x, struct ct_err *err)
     }
     json_object_put(create);
     mgr_strv_free(absorbed, nabsorbed);
+    mgr_strv_free(leaving, nleaving);
     if (r < 0) {
         for (size_t i = 0; i < nout; i++) {
             /* steps moved to out were zeroed in p: put them back for p's free */
@@ -1046,17 +1087,22 @@ static int run_actions(struct mgr *m, const struct m_step *st, bool undo, struct
     return r;
 }
 
+static int live_commit_step(struct mgr *m, const struct m_step *s, struct ct_err *err);
+
 int live_step_do(struct mgr *m, const struct m_step *s, struct ct_err *err)
 {
     if (s->c && strcmp(s->c, "job") == 0) {
         return live_job_step(m, s, err);
+    }
+    if (s->c && strcmp(s->c, "commit") == 0) {
+        return live_commit_step(m, s, err);
     }
     return run_actions(m, s, false, err);
 }
 
 int live_step_undo(struct mgr *m, const struct m_step *s, struct ct_err *err)
 {
-    if (s->c && strcmp(s->c, "job") == 0) {
+    if (s->c && (strcmp(s->c, "job") == 0 || strcmp(s->c, "commit") == 0)) {
         return 0;
     }
     return run_actions(m, s, true, err);
@@ -1818,4 +1864,115 @@ int live_jobs_sync(struct mgr *m, struct ct_err *err)
     }
     jobrows_free(v, n);
     return r < 0 ? r : 0;
+}
+
+/* A commit step of a plan (snapshot-delete merging a layer of the running chain) as a live
+ * block-commit run to its end inside the step: done already when the top left the daemon's
+ * chain; finished offline when the daemon is gone. */
+static int live_commit_step(struct mgr *m, const struct m_step *s, struct ct_err *err)
+{
+    json_object *a = json_tokener_parse(s->a);
+    if (!a) {
+        return ct_err_set(err, -CT_E_CORRUPT, "journal: malformed live commit step");
+    }
+    const char *top = qmp_str(a, "top"), *base = qmp_str(a, "base");
+    bool active = qmp_bool(a, "active", false);
+    int r = live_connect(m, err);
+    struct live_node *v = NULL;
+    size_t n = 0;
+    if (r > 0) {
+        r = live_nodes(m, &v, &n, err);
+        r = r == -EPIPE ? 0 : r < 0 ? r : 1;
+    }
+    if (r == 0) {
+        /* No daemon: the commit the shut-off domain's plan would have made. */
+        struct m_step off = {.kind = ST_COMMIT,
+                             .a = (char *)top,
+                             .b = (char *)base,
+                             .c = (char *)qmp_str(a, "base-format"),
+                             .d = (char *)qmp_str(a, "top-format")};
+        r = mgr_file_exists(top) ? journal_step_do(m, &off, err) : 0;
+        json_object_put(a);
+        return r;
+    }
+    struct live_node *dev = NULL;
+    for (size_t i = 0; i < n && !dev; i++) {
+        for (size_t j = 0; j < v[i].nchain; j++) {
+            if (!v[i].ro && strcmp(v[i].chain[j], top) == 0) {
+                dev = &v[i];
+                break;
+            }
+        }
+    }
+    if (r < 0 || !dev) {
+        nodes_free(v, n);
+        json_object_put(a);
+        return r < 0 ? r : 0; /* the top left the chain: done (J1) */
+    }
+    uint32_t h = 2166136261u;
+    for (const char *p = top; *p; p++) {
+        h = (h ^ (uint8_t)*p) * 16777619u;
+    }
+    char job[32];
+    snprintf(job, sizeof(job), "jc%08x", h);
+    struct mgr_jobinfo ji;
+    r = job_query(m, job, &ji, NULL, err);
+    if (r == 0 && !ji.exists) {
+        json_object *args = json_object_new_object();
+        json_object_object_add(args, "job-id", json_object_new_string(job));
+        json_object_object_add(args, "device", json_object_new_string(dev->name));
+        if (!active) {
+            json_object_object_add(args, "top", json_object_new_string(top));
+        }
+        json_object_object_add(args, "base", json_object_new_string(base));
+        json_object_object_add(args, "auto-dismiss", json_object_new_boolean(0));
+        if (m->opts.speed) {
+            json_object_object_add(args, "speed", json_object_new_int64((int64_t)m->opts.speed));
+        }
+        r = qmp_execute(m->qmp, "block-commit", args, NULL, err);
+    }
+    nodes_free(v, n);
+    json_object_put(a);
+    static const char *const names[] = {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
+                                        "BLOCK_JOB_CANCELLED", NULL};
+    bool completing = false;
+    int last = -1;
+    char *why = NULL;
+    while (r == 0) {
+        json_object *ev = NULL;
+        r = qmp_wait_event(m->qmp, names, job, 250, &ev, err);
+        if (r == -ETIMEDOUT) {
+            r = 0;
+        }
+        json_object_put(ev);
+        if (r == 0) {
+            r = job_query(m, job, &ji, &why, err);
+        }
+        if (r < 0) {
+            break;
+        }
+        if (!ji.exists || strcmp(ji.status, "concluded") == 0) {
+            break;
+        }
+        progress(m, "commit", ji.offset, ji.len, &last);
+        if (ji.ready && active && !completing) {
+            json_object *c = json_object_new_object();
+            json_object_object_add(c, "device", json_object_new_string(job));
+            r = qmp_execute(m->qmp, "block-job-complete", c, NULL, err);
+            completing = true;
+        }
+    }
+    if (r == 0) {
+        json_object *d = json_object_new_object();
+        json_object_object_add(d, "id", json_object_new_string(job));
+        struct ct_err e2 = {0};
+        (void)qmp_execute(m->qmp, "job-dismiss", d, NULL, &e2);
+        if (why) {
+            r = ct_err_set(err, -EIO, "live commit of '%s' into '%s' failed: %s", top, base, why);
+        } else if (last < 100) {
+            progress(m, "commit", 1, 1, &last);
+        }
+    }
+    free(why);
+    return r;
 }

@@ -250,6 +250,30 @@ def run(env):
     check_all(env)
     ok("kill -9 of the daemon during a pull: crashed, the job forgotten, start works, data kept")
 
+    # ---- deleting external snapshots of the running domain: live commits ----
+    c = chain(env)
+    env.run("snapshot-create-as", "d", "s8", "--disk-only")
+    m.write(env, 13, 0, 512 << 10)
+    env.run("snapshot-create-as", "d", "s9", "--disk-only")
+    m.write(env, 14, 512 << 10, 512 << 10)
+    env.run("snapshot-create-as", "d", "s10", "--disk-only")
+    m.write(env, 15, 1 << 20, 64 << 10)
+    r = env.run("snapshot-delete", "d", "s9", "--dry-run")
+    expect("live (block-commit in the daemon)" in r.stdout, r.stdout)
+    env.run("snapshot-delete", "d", "s9")  # its overlay merges into s9's state image
+    expect(len(chain(env)) == len(c) + 2, chain(env))
+    env.run("snapshot-delete", "d", "s10", rc=None,
+            extra_env={"COWTREE_MANAGER_KILL_AT_STEP": "2"})  # killed mid-way
+    env.run("recover")
+    expect(chain(env)[0] != c[0] and len(chain(env)) == len(c) + 1, chain(env))
+    expect(env.snapshot_view("d", "s8", "vda") is not None, "s8")
+    m.compare(env, what="disk after live snapshot deletes")
+    names = [x["name"] for x in env.json("snapshot-list", "d")]
+    expect("s9" not in names and "s10" not in names and "s8" in names, names)
+    check_all(env)
+    ok("snapshot-delete of external snapshots while running: intermediate and active live "
+       "commits (one killed and finished by recover), data kept")
+
     env.run("shutdown", "d")
     for im in env.images("d"):
         r = subprocess.run(["qemu-img", "check", im["path"]], capture_output=True, text=True)
