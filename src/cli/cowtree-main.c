@@ -1980,8 +1980,9 @@ static void job_result(int r, const char *what, bool pivot)
                                                      : "Commit complete");
         break;
     default:
-        printf("\n%s\n", strcmp(what, "Copy") == 0 ? "Successfully copied"
-                                                   : "Commit complete, overlay image kept");
+        printf("\n%s\n", strcmp(what, "Copy") == 0   ? "Successfully copied"
+                         : strcmp(what, "Pull") == 0 ? "Pull aborted"
+                                                     : "Commit complete, overlay image kept");
         break;
     }
 }
@@ -2063,8 +2064,9 @@ static int cmd_blockjob(int argc, char **argv)
 static int cmd_blockcommit(int argc, char **argv)
 {
     static const char usage[] = "blockcommit DOM DISK [--base PATH | --shallow] [--top PATH] "
-                                "[--delete] [--wait] [--verbose] [--bandwidth MiB] [--dry-run] "
-                                "[--force]";
+                                "[--active [--pivot | --keep-overlay]] [--delete] [--wait] "
+                                "[--timeout S] [--verbose] [--bandwidth MiB [--bytes]] "
+                                "[--dry-run] [--force]";
     struct block_args a = {0};
     const char *dom, *disk, *extra;
     int rc = block_parse(argc, argv, usage, &a, &dom, &disk, &extra);
@@ -2097,8 +2099,8 @@ static int cmd_blockcommit(int argc, char **argv)
 
 static int cmd_blockpull(int argc, char **argv)
 {
-    static const char usage[] = "blockpull DOM DISK [--base PATH] [--wait] [--verbose] "
-                                "[--bandwidth MiB] [--dry-run]";
+    static const char usage[] = "blockpull DOM DISK [--base PATH] [--wait] [--timeout S] "
+                                "[--verbose] [--bandwidth MiB [--bytes]] [--dry-run] [--force]";
     struct block_args a = {0};
     const char *dom, *disk, *extra;
     int rc = block_parse(argc, argv, usage, &a, &dom, &disk, &extra);
@@ -2131,9 +2133,10 @@ static int cmd_blockpull(int argc, char **argv)
 
 static int cmd_blockcopy(int argc, char **argv)
 {
-    static const char usage[] = "blockcopy DOM DISK DEST [--shallow] [--reuse-external] "
-                                "[--format raw|qcow2] [--pivot | --finish] [--wait] [--verbose] "
-                                "[--bandwidth MiB] [--dry-run]";
+    static const char usage[] = "blockcopy DOM DISK {DEST | --dest DEST} [--shallow] "
+                                "[--reuse-external] [--format raw|qcow2] [--pivot | --finish] "
+                                "[--wait] [--timeout S] [--verbose] [--bandwidth MiB [--bytes]] "
+                                "[--dry-run]";
     struct block_args a = {0};
     const char *dom, *disk, *dest;
     int rc = block_parse(argc, argv, usage, &a, &dom, &disk, &dest);
@@ -2346,13 +2349,16 @@ static const struct {
     {"snapshot-protect", cmd_snapshot_protect, "snapshot-protect DOM {SNAP | --current}"},
     {"snapshot-unprotect", cmd_snapshot_unprotect, "snapshot-unprotect DOM {SNAP | --current}"},
     {"blockcommit", cmd_blockcommit,
-     "blockcommit DOM DISK [--base PATH | --shallow] [--top PATH] [--delete] [--wait] "
-     "[--verbose] [--bandwidth MiB] [--dry-run] [--force]"},
+     "blockcommit DOM DISK [--base PATH | --shallow] [--top PATH] [--active [--pivot | "
+     "--keep-overlay]] [--delete] [--wait] [--timeout S] [--verbose] [--bandwidth MiB] "
+     "[--dry-run] [--force]"},
     {"blockpull", cmd_blockpull,
-     "blockpull DOM DISK [--base PATH] [--wait] [--verbose] [--bandwidth MiB] [--dry-run]"},
+     "blockpull DOM DISK [--base PATH] [--wait] [--timeout S] [--verbose] [--bandwidth MiB] "
+     "[--dry-run]"},
     {"blockcopy", cmd_blockcopy,
-     "blockcopy DOM DISK DEST [--shallow] [--reuse-external] [--format raw|qcow2] "
-     "[--pivot | --finish] [--wait] [--verbose] [--bandwidth MiB] [--dry-run]"},
+     "blockcopy DOM DISK {DEST | --dest DEST} [--shallow] [--reuse-external] [--format "
+     "raw|qcow2] [--pivot | --finish] [--wait] [--timeout S] [--verbose] [--bandwidth MiB] "
+     "[--dry-run]"},
     {"blockjob", cmd_blockjob,
      "blockjob DOM DISK [--info] [--abort [--async]] [--pivot] [--bandwidth N [--bytes]]"},
     {"clone", cmd_clone, "clone DOM SNAPSHOT NEWDOM [--flatten]"},
@@ -2367,6 +2373,9 @@ static void help(FILE *f)
         fprintf(f, "  %s\n", cmds[i].help);
     }
     fprintf(f, "\nThe catalog lives in $COWTREE_HOME (default ~/.local/share/cowtree).\n"
+               "Running domains are served by cowtreed (started by `start`) from "
+               "$COWTREE_HOME/run;\nwhile a domain runs, snapshots and block jobs go through "
+               "its QMP socket.\n"
                "Exit status: 0 ok, 1 error, 2 usage, 3 not found, 4 refused, 5 catalog and "
                "files disagree.\n");
 }

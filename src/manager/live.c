@@ -1506,6 +1506,12 @@ static int follow(struct mgr *m, struct jobrow *jr, enum follow_mode mode, unsig
         progress(m, jr->type, 1, 1, &last);
     }
     r = end_job(m, &cur, oc, why, err);
+    if (r == 0 && timed_out && oc != OUT_SUCCESS) {
+        /* virsh: a job aborted by --timeout is a failure ("Commit aborted"). */
+        r = ct_err_set(err, -ETIMEDOUT,
+                       "block %s job on disk %s aborted: --timeout of %u s reached",
+                       job_what(jr->type), jr->target, timeout_s);
+    }
     jobrow_fini(&cur);
     free(why);
     return r < 0 ? r : oc == OUT_SUCCESS ? MGR_JOB_DONE : MGR_JOB_ABORTED;
