@@ -452,6 +452,50 @@ bool live_jobs_pending(struct mgr *m, const char *dom)
 static int remove_disk_nodes(struct mgr *m, const char *dom, const struct m_domain *d,
                              struct ct_err *err);
 
+/* Open every disk of d in the daemon and export it (*uris: the NBD URIs, owned). */
+static int open_domain(struct mgr *m, const struct m_domain *d, char ***uris, size_t *nuris,
+                       struct ct_err *err)
+{
+    const char *dom = d->name;
+    int r = 0;
+    for (size_t i = 0; i < d->nd && r == 0; i++) {
+        const struct m_disk *k = &d->disks[i];
+        char *node = node_name_for(dom, k->target);
+        json_object *a = json_object_new_object();
+        json_object_object_add(a, "driver", json_object_new_string(k->format));
+        json_object_object_add(a, "node-name", json_object_new_string(node));
+        json_object *f = json_object_new_object();
+        json_object_object_add(f, "driver", json_object_new_string("file"));
+        json_object_object_add(f, "filename", json_object_new_string(k->top));
+        json_object_object_add(a, "file", f);
+        json_object_object_add(a, "read-only", json_object_new_boolean(0));
+        r = qmp_execute(m->qmp, "blockdev-add", a, NULL, err);
+        if (r == 0) {
+            char *id = mgr_xasprintf("e%s", node);
+            char *name = mgr_xasprintf("%s/%s", dom, k->target);
+            a = json_object_new_object();
+            json_object_object_add(a, "type", json_object_new_string("nbd"));
+            json_object_object_add(a, "id", json_object_new_string(id));
+            json_object_object_add(a, "node-name", json_object_new_string(node));
+            json_object_object_add(a, "name", json_object_new_string(name));
+            json_object_object_add(a, "writable", json_object_new_boolean(1));
+            r = qmp_execute(m->qmp, "block-export-add", a, NULL, err);
+            if (r == 0) {
+                *uris = mgr_xrealloc(*uris, (*nuris + 1) * sizeof(char *));
+                (*uris)[(*nuris)++] =
+                    mgr_xasprintf("nbd+unix:///%s?socket=%s/nbd.sock", name, rundir(m));
+            }
+            free(id);
+            free(name);
+        }
+        if (r < 0) {
+            ct_err_prefix(err, "disk %s: ", k->target);
+        }
+        free(node);
+    }
+    return r;
+}
+
 int mgr_start(struct mgr *m, const char *dom, char ***uris, size_t *nuris, struct ct_err *err)
 {
     *uris = NULL;
@@ -495,44 +539,7 @@ int mgr_start(struct mgr *m, const char *dom, char ***uris, size_t *nuris, struc
     if (r < 0) {
         goto out;
     }
-    r = 0;
-    size_t added = 0;
-    for (size_t i = 0; i < d->nd && r == 0; i++) {
-        struct m_disk *k = &d->disks[i];
-        char *node = node_name_for(dom, k->target);
-        json_object *a = json_object_new_object();
-        json_object_object_add(a, "driver", json_object_new_string(k->format));
-        json_object_object_add(a, "node-name", json_object_new_string(node));
-        json_object *f = json_object_new_object();
-        json_object_object_add(f, "driver", json_object_new_string("file"));
-        json_object_object_add(f, "filename", json_object_new_string(k->top));
-        json_object_object_add(a, "file", f);
-        json_object_object_add(a, "read-only", json_object_new_boolean(0));
-        r = qmp_execute(m->qmp, "blockdev-add", a, NULL, err);
-        if (r == 0) {
-            added++;
-            char *id = mgr_xasprintf("e%s", node);
-            char *name = mgr_xasprintf("%s/%s", dom, k->target);
-            a = json_object_new_object();
-            json_object_object_add(a, "type", json_object_new_string("nbd"));
-            json_object_object_add(a, "id", json_object_new_string(id));
-            json_object_object_add(a, "node-name", json_object_new_string(node));
-            json_object_object_add(a, "name", json_object_new_string(name));
-            json_object_object_add(a, "writable", json_object_new_boolean(1));
-            r = qmp_execute(m->qmp, "block-export-add", a, NULL, err);
-            if (r == 0) {
-                *uris = mgr_xrealloc(*uris, (*nuris + 1) * sizeof(char *));
-                (*uris)[(*nuris)++] =
-                    mgr_xasprintf("nbd+unix:///%s?socket=%s/nbd.sock", name, rundir(m));
-            }
-            free(id);
-            free(name);
-        }
-        if (r < 0) {
-            ct_err_prefix(err, "disk %s: ", k->target);
-        }
-        free(node);
-    }
+    r = open_domain(m, d, uris, nuris, err);
     if (r < 0) {
         /* Undo: close what was opened (or stop the daemon if nothing else runs). */
         struct ct_err e2 = {0};
@@ -577,6 +584,54 @@ static int quit_daemon(struct mgr *m, struct ct_err *err)
 
 /* Close the domain's nodes: exports and nodes deleted, or the whole daemon stopped when no
  * other domain runs (quit flushes and closes every image). */
+/* The daemon cannot close one domain's nodes (no block-export-del / blockdev-del): stop it
+ * (every image flushed and closed) and start it again with the other running domains' disks
+ * (their NBD clients reconnect to the same URIs). */
+static int restart_without(struct mgr *m, const char *dom, struct ct_err *err)
+{
+    struct m_cat *cat;
+    int r = cat_load(m, &cat, err);
+    if (r < 0) {
+        return r;
+    }
+    const struct m_domain **keep = mgr_xcalloc(cat->nd + 1, sizeof(*keep));
+    size_t nk = 0;
+    for (size_t i = 0; r == 0 && i < cat->nd; i++) {
+        bool running = false;
+        if (strcmp(cat->doms[i]->name, dom) != 0) {
+            r = live_domain_running(m, cat->doms[i], &running, err);
+        }
+        if (running) {
+            keep[nk++] = cat->doms[i];
+        }
+    }
+    if (r == 0) {
+        r = quit_daemon(m, err);
+    }
+    if (r == 0) {
+        r = spawn_daemon(m, err);
+    }
+    if (r == 0) {
+        r = live_connect(m, err);
+        if (r == 0) {
+            r = ct_err_set(err, -EIO, "the restarted daemon does not answer");
+        }
+        r = r > 0 ? 0 : r;
+    }
+    for (size_t i = 0; r == 0 && i < nk; i++) {
+        char **u = NULL;
+        size_t nu = 0;
+        r = open_domain(m, keep[i], &u, &nu, err);
+        mgr_strv_free(u, nu);
+        if (r < 0) {
+            ct_err_prefix(err, "reopening domain %s in the restarted daemon: ", keep[i]->name);
+        }
+    }
+    free(keep);
+    m_cat_free(cat);
+    return r;
+}
+
 static int remove_disk_nodes(struct mgr *m, const char *dom, const struct m_domain *d,
                              struct ct_err *err)
 {
@@ -606,16 +661,13 @@ static int remove_disk_nodes(struct mgr *m, const char *dom, const struct m_doma
             json_object_object_add(a, "node-name", json_object_new_string(ln->name));
             r = qmp_execute(m->qmp, "blockdev-del", a, NULL, err);
         }
-        if (r == -ENOTSUP) {
-            r = ct_err_set(err, -ENOTSUP,
-                           "the daemon cannot close one domain's disks while other domains run "
-                           "(it lacks %s); shut the other domains down first",
-                           err->msg);
-        }
         free(id);
         free(node);
     }
     nodes_free(v, n);
+    if (r == -ENOTSUP) {
+        r = restart_without(m, dom, err);
+    }
     return r;
 }
 

@@ -203,6 +203,23 @@ def run(env):
     check_all(env, "d")
     ok("a live snapshot interrupted after its journal entry is finished through QMP")
 
+    # ---- two domains in one daemon: one shuts down, the other keeps serving ----
+    c = env.create("c.qcow2", size=str(SIZE))
+    env.run("define", "e", "--disk", "vda=" + c)
+    env.run("start", "e")
+    nbd_io(env, "e", "vda", "write -P 8 0 64k", "flush")
+    lst = [ln.split() for ln in env.run("list").stdout.splitlines()[2:] if ln.strip()]
+    expect([x[1:] for x in lst] == [["d", "running"], ["e", "running"]], lst)
+    env.run("shutdown", "e")
+    expect(state(env, "e") == "shut off (shutdown)" and state(env, "d") == "running (booted)",
+           (state(env, "e"), state(env, "d")))
+    nbd_io(env, "d", "vda", "write -P 9 64k 64k", "flush")
+    expect(nbd_read(env, "d", "vda")[64 << 10:128 << 10] == bytes([9]) * (64 << 10), "d")
+    expect(env.read_view(c, "qcow2")[:64 << 10] == bytes([8]) * (64 << 10), "e's data")
+    env.check_reconcile("e")
+    env.check_images("e")
+    ok("two domains in one daemon: shutting one down leaves the other serving")
+
     # ---- shutdown ----
     env.run("shutdown", "d")
     expect(state(env, "d") == "shut off (shutdown)", state(env, "d"))
@@ -213,6 +230,8 @@ def run(env):
                           capture_output=True).returncode != 0, "daemon still running")
     tops = env.disks("d")
     expect(env.read_view(tops["vda"]["source"], "qcow2")[:CHUNK] == bytes([7]) * CHUNK, "vda")
+    expect(env.read_view(tops["vda"]["source"], "qcow2")[CHUNK:2 * CHUNK] == bytes([9]) * CHUNK,
+           "vda's write after e's shutdown")
     for im in env.images("d"):
         if im["format"] == "qcow2":
             r = subprocess.run(["qemu-img", "check", im["path"]], capture_output=True, text=True)
@@ -230,7 +249,8 @@ def main():
     try:
         run(env)
     finally:
-        subprocess.run([mlib.CT, "shutdown", "d"], env=env.env, capture_output=True)
+        for dom in ("e", "d"):
+            subprocess.run([mlib.CT, "shutdown", dom], env=env.env, capture_output=True)
         env.cleanup()
 
 
