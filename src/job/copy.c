@@ -19,6 +19,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "job/chain.h"
 #include "job/job-int.h"
@@ -236,15 +237,16 @@ static int copy_one(struct ct_job *job, struct copy_state *s, struct ct_image *s
  * it opens when it starts (open_src), since a struct ct_image is not thread-safe. Workers are
  * started one at a time, and only when the job's thread is about to wait while items are
  * queued, no worker is idle and none is still starting: when reading is what holds the copy
- * back. A qcow2 target whose writer is the slower side thus runs with one or two readers (a
- * deep chain is not opened eight more times for nothing); a raw target, written by the
- * workers, grows to nb_workers. What happens to a read item depends on the target:
+ * back. Readers for a qcow2 target are also capped at the number of CPUs less one (they
+ * compete with the writer for CPU), so a deep chain is not opened eight more times for
+ * nothing; a raw target, written by the workers, grows to nb_workers. What happens to a read item
+ * depends on the target:
  *  - raw target: the worker writes the item itself through the one target handle. The raw
  *    driver's pwrite is a plain pwrite(2) on the file (no shared state), so N writes are in
  *    flight at once, overlapping the kernel's dirty-page throttling. A raw file has no
  *    allocation order, so raw writes go out as they complete (with or without -W).
  *  - qcow2 target: the job's thread is the single writer and owns the target handle. Items
- *    wait, read, in a bounded set of slots (at most 6 buffers) and are written in
+ *    wait, read, in a bounded set of slots (readers + 2 buffers) and are written in
  *    ascending guest order, so host clusters are allocated in guest order as in a sequential
  *    copy; with out_of_order (-W) any read item is written as soon as it is ready.
  * Progress, the rate limit, pause and cancel stay in the job's thread: it accounts an item
@@ -454,9 +456,17 @@ static int copy_parallel(struct ct_job *job, struct copy_state *s, struct ct_err
 {
     struct copy_par p = {.s = s, .bufsz = job_buf_bytes(job)};
     p.raw_dst = strcmp(ct_image_format(s->dst), "raw") == 0;
-    /* Raw target: a slot per worker writing, two more being cut. qcow2 target: enough read
-     * ahead to keep the writer busy; more would only hold memory. */
-    p.nslots = (p.raw_dst ? s->nb_workers : CT_MIN(s->nb_workers, 4u)) + 2;
+    /* A slot per worker (reading, or writing to a raw target), two more being cut or
+     * written by the job's thread; more would only hold memory. Readers for a qcow2 target
+     * compete with its writer for CPU (reads from the page cache, decompression), so there
+     * are at most as many as there are other CPUs: on 2 CPUs one reader overlaps the writer,
+     * and a deep chain is opened once more, not nb_workers times. */
+    unsigned max_workers = s->nb_workers;
+    if (!p.raw_dst) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        max_workers = CT_MIN(max_workers, ncpu > 2 ? (unsigned)ncpu - 1 : 1u);
+    }
+    p.nslots = max_workers + 2;
     p.slots = calloc(p.nslots, sizeof(*p.slots));
     struct copy_worker *wk = calloc(s->nb_workers, sizeof(*wk));
     struct ct_image **handles = calloc((size_t)s->nb_workers * s->n, sizeof(*handles));
@@ -508,7 +518,7 @@ static int copy_parallel(struct ct_job *job, struct copy_state *s, struct ct_err
             for (unsigned i = 0; i < p.nslots; i++) {
                 queued += p.slots[i].state == SLOT_QUEUED;
             }
-            if (queued && !p.idle && !p.starting && started < s->nb_workers) {
+            if (queued && !p.idle && !p.starting && started < max_workers) {
                 struct copy_worker *w = &wk[started];
                 w->p = &p;
                 w->srcs = handles + (size_t)started * s->n;
