@@ -40,6 +40,7 @@ struct copy_state {
     unsigned nb_workers;
     int (*open_src)(void *opaque, unsigned src_index, struct ct_image **out, struct ct_err *err);
     void *open_opaque;
+    unsigned max_readers;
     bool out_of_order, copy_offload;
 };
 
@@ -464,7 +465,8 @@ static int copy_parallel(struct ct_job *job, struct copy_state *s, struct ct_err
     unsigned max_workers = s->nb_workers;
     if (!p.raw_dst) {
         long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-        max_workers = CT_MIN(max_workers, ncpu > 2 ? (unsigned)ncpu - 1 : 1u);
+        unsigned cap = s->max_readers ? s->max_readers : ncpu > 2 ? (unsigned)ncpu - 1 : 1u;
+        max_workers = CT_MIN(max_workers, cap);
     }
     p.nslots = max_workers + 2;
     p.slots = calloc(p.nslots, sizeof(*p.slots));
@@ -716,6 +718,7 @@ int ct_job_copy_create(struct ct_job **out, const struct ct_copy_opts *o,
         s->nb_workers = o->nb_workers;
         s->open_src = o->open_src;
         s->open_opaque = o->open_opaque;
+        s->max_readers = o->max_readers;
     }
     return job_create(out, &copy_driver, s, jo, err);
 }
