@@ -82,6 +82,7 @@ struct chain_id {
 
 static void image_free(struct ct_image *img)
 {
+    image_index_free(img);
     ct_file_close(img->file);
     free(img->filename);
     free(img->backing_name);
@@ -281,6 +282,7 @@ struct ct_image *ct_image_backing(const struct ct_image *img)
 
 struct ct_image *ct_image_swap_backing(struct ct_image *img, struct ct_image *backing)
 {
+    image_chain_changed();
     struct ct_image *old = img->backing;
     img->backing = backing;
     unsigned d = img->depth + 1;
@@ -418,6 +420,7 @@ int ct_image_reopen(struct ct_image *img, bool writable, struct ct_err *err)
     }
     const struct ct_driver *drv = img->drv;
     bool was = img->writable;
+    image_chain_changed();
     /* Going read-only: close flushes and clears the dirty bit; a failure keeps the mode. */
     int r = drv->close(img);
     if (r < 0) {
@@ -469,7 +472,7 @@ int image_read_below(struct ct_image *img, void *buf, uint64_t len, uint64_t off
     uint64_t n = 0;
     if (b && off < b->size) {
         n = CT_MIN(len, b->size - off);
-        int r = ct_image_pread(b, buf, n, off);
+        int r = image_read_below_indexed(img, buf, n, off);
         if (r < 0) {
             return r;
         }
@@ -512,6 +515,14 @@ static int check_range(struct ct_image *img, uint64_t len, uint64_t off)
     return 0;
 }
 
+/* img is about to change what it reads: if it is a backing layer, indexes are stale (X1). */
+static void image_mutating(const struct ct_image *img)
+{
+    if (img->depth > 0) {
+        image_chain_changed();
+    }
+}
+
 static int check_write(struct ct_image *img, uint64_t len, uint64_t off)
 {
     if (!img->writable) {
@@ -520,6 +531,7 @@ static int check_write(struct ct_image *img, uint64_t len, uint64_t off)
     if (img->poison) {
         return -CT_E_STATE;
     }
+    image_mutating(img);
     return check_range(img, len, off);
 }
 
@@ -591,6 +603,7 @@ int ct_image_truncate(struct ct_image *img, uint64_t new_size, bool allow_shrink
     if (new_size < img->size && !allow_shrink) {
         return ct_err_set(err, -EINVAL, "Use the --shrink option to perform a shrink operation.");
     }
+    image_mutating(img);
     return img->drv->truncate(img, new_size, allow_shrink, err);
 }
 
@@ -678,6 +691,9 @@ int ct_image_check(struct ct_image *img, unsigned fix, struct ct_check_result *r
     if (fix && !img->writable) {
         return ct_err_set(err, -EROFS, "cannot repair a read-only image");
     }
+    if (fix) {
+        image_mutating(img);
+    }
     return img->drv->check(img, fix, res, report, opaque, err);
 }
 
@@ -739,6 +755,7 @@ int ct_snapshot_create(struct ct_image *img, const char *name,
 
 int ct_snapshot_apply(struct ct_image *img, const char *name_or_id, struct ct_err *err)
 {
+    image_mutating(img);
     struct qcow2_state *q = snapshot_state(img, true, err);
     return q ? qcow2_snapshot_apply(q, name_or_id, err) : err ? err->code : -EINVAL;
 }
@@ -809,6 +826,7 @@ int ct_image_change_backing(struct ct_image *img, const char *backing, const cha
 
 int ct_image_make_empty(struct ct_image *img, struct ct_err *err)
 {
+    image_mutating(img);
     struct qcow2_state *q = snapshot_state(img, true, err);
     if (!q) {
         return err ? err->code : -EINVAL;

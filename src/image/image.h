@@ -59,7 +59,15 @@ struct ct_image {
     char *backing_format;
     char *backing_path;
     struct ct_image *backing;
+    struct chain_index *index; /* which layer below provides what (chain-index.c), or NULL */
 };
+
+/* chain-index.c: read [off, off+len) (inside the backing's size) from img's backing chain,
+ * going straight to the layer that provides each granule. */
+int image_read_below_indexed(struct ct_image *img, void *buf, uint64_t len, uint64_t off);
+/* Something below some top may read differently now: every index is stale (X1). */
+void image_chain_changed(void);
+void image_index_free(struct ct_image *img);
 
 extern const struct ct_driver ct_raw_driver;
 extern const struct ct_driver ct_qcow2_driver;

@@ -1,0 +1,176 @@
+/*
+ * The chain allocation index: which layer of an image's backing chain provides each 64 KiB
+ * granule, so that a read falling through the top goes straight to that layer instead of
+ * asking every layer in turn (a 64-deep chain then reads like a 1-deep one).
+ *
+ * An entry is learnt the first time a granule is read through the chain, by walking the
+ * layers' block status once; it records the layer when one layer decides the whole granule
+ * (allocated there, as data or zeros), "zeros" when no layer does (or a shorter layer's end
+ * hides what lies below), and "mixed" otherwise (the read then takes the ordinary path).
+ *
+ * Invariants:
+ *  X1. An entry is only used while the backing epoch is the one it was learnt in. The epoch
+ *      moves whenever anything below a top can change what it reads: a write, zero write,
+ *      discard, truncate, snapshot apply, repair, emptying or relink of an image that is a
+ *      backing layer (depth > 0), and every reopen or swap of a chain (image_chain_changed).
+ *      Writes to a top do not move it: a top is always read before its index.
+ *  X2. Memory is bounded: chunks of entries are allocated on first use, up to
+ *      INDEX_MAX_BYTES per image; past that, reads take the ordinary path.
+ */
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "image/image.h"
+#include "util/misc.h"
+
+#define GRANULE_SHIFT   16
+#define GRANULE         (1ull << GRANULE_SHIFT)
+#define CHUNK_ENTRIES   4096
+#define INDEX_MAX_BYTES (16u << 20)
+
+enum { E_UNKNOWN = 0, E_MIXED = 1, E_ZERO = 2, E_LAYER0 = 3 }; /* E_LAYER0 + i: layers[i] */
+
+struct chain_index {
+    uint64_t epoch;
+    struct ct_image **layers; /* the backing chain, first backing first */
+    unsigned nlayers;
+    uint64_t nchunks;
+    uint16_t **chunks;
+    size_t bytes;
+};
+
+static _Atomic uint64_t backing_epoch;
+
+void image_chain_changed(void)
+{
+    atomic_fetch_add(&backing_epoch, 1);
+}
+
+void image_index_free(struct ct_image *img)
+{
+    struct chain_index *x = img->index;
+    if (!x) {
+        return;
+    }
+    for (uint64_t i = 0; i < x->nchunks; i++) {
+        free(x->chunks[i]);
+    }
+    free(x->chunks);
+    free(x->layers);
+    free(x);
+    img->index = NULL;
+}
+
+/* The index of img, (re)built empty when missing or stale; NULL when none can be had. */
+static struct chain_index *index_get(struct ct_image *img)
+{
+    uint64_t epoch = atomic_load(&backing_epoch);
+    struct chain_index *x = img->index;
+    if (x && x->epoch == epoch) {
+        return x;
+    }
+    image_index_free(img);
+    x = calloc(1, sizeof(*x));
+    if (!x) {
+        return NULL;
+    }
+    for (struct ct_image *l = img->backing; l; l = l->backing) {
+        x->nlayers++;
+    }
+    x->layers = calloc(x->nlayers, sizeof(*x->layers));
+    x->nchunks = (img->backing->size >> GRANULE_SHIFT) / CHUNK_ENTRIES + 1;
+    x->chunks = calloc(x->nchunks, sizeof(*x->chunks));
+    if (!x->layers || !x->chunks || x->nlayers + E_LAYER0 > UINT16_MAX) {
+        free(x->layers);
+        free(x->chunks);
+        free(x);
+        return NULL;
+    }
+    unsigned i = 0;
+    for (struct ct_image *l = img->backing; l; l = l->backing) {
+        x->layers[i++] = l;
+    }
+    x->epoch = epoch;
+    img->index = x;
+    return x;
+}
+
+/* Walk the layers once for granule g (which lies inside the first backing's size). */
+static uint16_t learn(struct chain_index *x, uint64_t g)
+{
+    uint64_t off = g << GRANULE_SHIFT;
+    for (unsigned i = 0; i < x->nlayers; i++) {
+        struct ct_image *l = x->layers[i];
+        if (off >= l->size) {
+            return E_ZERO; /* reads past a shorter layer's end are zeros, hiding the rest */
+        }
+        if (off + GRANULE > l->size) {
+            return E_MIXED;
+        }
+        struct ct_extent e;
+        if (ct_image_block_status(l, off, GRANULE, &e) < 0 || e.len < GRANULE) {
+            return E_MIXED;
+        }
+        if (e.flags & CT_STATUS_ALLOCATED) {
+            return (uint16_t)(E_LAYER0 + i);
+        }
+    }
+    return E_ZERO;
+}
+
+static uint16_t entry(struct chain_index *x, uint64_t g)
+{
+    uint64_t c = g / CHUNK_ENTRIES;
+    if (c >= x->nchunks) {
+        return E_MIXED;
+    }
+    if (!x->chunks[c]) {
+        if (x->bytes + CHUNK_ENTRIES * sizeof(uint16_t) > INDEX_MAX_BYTES ||
+            !(x->chunks[c] = calloc(CHUNK_ENTRIES, sizeof(uint16_t)))) {
+            return E_MIXED;
+        }
+        x->bytes += CHUNK_ENTRIES * sizeof(uint16_t);
+    }
+    uint16_t *p = &x->chunks[c][g % CHUNK_ENTRIES];
+    if (*p == E_UNKNOWN) {
+        *p = learn(x, g);
+    }
+    return *p;
+}
+
+int image_read_below_indexed(struct ct_image *img, void *buf, uint64_t len, uint64_t off)
+{
+    struct ct_image *b = img->backing;
+    struct chain_index *x = b->backing ? index_get(img) : NULL;
+    if (!x) {
+        /* (One backing layer: asking it directly is what the index would do.) */
+        return ct_image_pread(b, buf, len, off);
+    }
+    uint8_t *p = buf;
+    uint64_t end = off + len;
+    while (off < end) {
+        uint64_t g = off >> GRANULE_SHIFT;
+        uint16_t e = entry(x, g);
+        /* Extend the run over following granules with the same entry. */
+        uint64_t run_end = CT_MIN((g + 1) << GRANULE_SHIFT, end);
+        while (run_end < end && entry(x, run_end >> GRANULE_SHIFT) == e) {
+            run_end = CT_MIN(run_end + GRANULE, end);
+        }
+        uint64_t n = run_end - off;
+        int r = 0;
+        if (e == E_ZERO) {
+            memset(p, 0, n);
+        } else if (e >= E_LAYER0) {
+            r = ct_image_pread(x->layers[e - E_LAYER0], p, n, off);
+        } else {
+            r = ct_image_pread(b, p, n, off);
+        }
+        if (r < 0) {
+            return r;
+        }
+        p += n;
+        off += n;
+    }
+    return 0;
+}
