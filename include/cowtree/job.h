@@ -194,8 +194,8 @@ struct ct_copy_opts {
     int (*open_src)(void *opaque, unsigned src_index, struct ct_image **out, struct ct_err *err);
     void *open_opaque;
     unsigned max_readers; /* qcow2 target: reader threads at most; 0 = the CPUs less one */
-    bool out_of_order; /* qcow2 target: write chunks as they complete (convert -W) */
-    bool copy_offload; /* raw to raw: copy_file_range, no zero detection in data (convert -C) */
+    bool out_of_order;    /* qcow2 target: write chunks as they complete (convert -W) */
+    bool copy_offload;    /* raw to raw: copy_file_range, no zero detection in data (convert -C) */
 };
 int ct_job_copy_create(struct ct_job **out, const struct ct_copy_opts *o,
                        const struct ct_job_opts *jo, struct ct_err *err);

@@ -172,8 +172,8 @@ int ct_file_open(struct ct_file **out, const char *path, unsigned flags, struct 
     return 0;
 }
 
-int ct_file_copy_range(struct ct_file *src, uint64_t src_off, struct ct_file *dst,
-                       uint64_t dst_off, uint64_t len)
+int ct_file_copy_range(struct ct_file *src, uint64_t src_off, struct ct_file *dst, uint64_t dst_off,
+                       uint64_t len)
 {
     if (src->ops != &posix_ops || dst->ops != &posix_ops || src->fd < 0 || dst->fd < 0) {
         return -EOPNOTSUPP;

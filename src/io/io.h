@@ -62,8 +62,8 @@ int ct_file_extent(struct ct_file *f, uint64_t off, uint64_t max, bool *hole, ui
  * -EOPNOTSUPP when either file is not a POSIX file; other -errno (-EXDEV, -EINVAL, ...) when
  * the kernel refuses, so callers fall back to pread + pwrite. Counts as one write for fault
  * injection. */
-int ct_file_copy_range(struct ct_file *src, uint64_t src_off, struct ct_file *dst,
-                       uint64_t dst_off, uint64_t len);
+int ct_file_copy_range(struct ct_file *src, uint64_t src_off, struct ct_file *dst, uint64_t dst_off,
+                       uint64_t len);
 
 /*
  * Image locking, compatible with QEMU's file-posix locks: OFD read locks on byte 100+p for
