@@ -181,6 +181,9 @@ int node_export(struct node *n, const char *export_name, bool writable, struct c
     }
     free((char *)n->exp.name);
     n->exp.name = strdup(export_name);
+    if (!n->export_id) {
+        n->export_id = strdup(export_name);
+    }
     n->exp.writable = writable;
     pthread_mutex_unlock(&nodes.lock);
     return 0;
@@ -193,6 +196,67 @@ void node_set_image(struct node *n, struct ct_image *img, const char *file, cons
     free(n->format);
     n->file = strdup(file);
     n->format = strdup(format);
+}
+
+int node_unexport(const char *export_id, struct ct_err *err)
+{
+    pthread_mutex_lock(&nodes.lock);
+    struct node *n = nodes.head;
+    while (n && !(n->exp.name && n->export_id && strcmp(n->export_id, export_id) == 0)) {
+        n = n->next;
+    }
+    int r = 0;
+    if (!n) {
+        r = ct_err_set(err, -ENOENT, "Export '%s' is not found", export_id);
+    } else if (n->users) {
+        r = ct_err_set(err, -EBUSY, "export '%s' still in use (%d client%s connected)", export_id,
+                       n->users, n->users == 1 ? "" : "s");
+    } else {
+        free((char *)n->exp.name);
+        free(n->export_id);
+        n->exp.name = NULL;
+        n->export_id = NULL;
+    }
+    pthread_mutex_unlock(&nodes.lock);
+    return r;
+}
+
+int node_del(const char *name, struct ct_err *err)
+{
+    pthread_mutex_lock(&nodes.lock);
+    struct node **pp = &nodes.head;
+    while (*pp && strcmp((*pp)->name, name) != 0) {
+        pp = &(*pp)->next;
+    }
+    struct node *n = *pp;
+    int r = 0;
+    if (!n) {
+        r = ct_err_set(err, -ENOENT, "Failed to find node with node-name='%s'", name);
+    } else if (n->exp.name || n->users) {
+        r = ct_err_set(err, -EBUSY, "Node '%s' is in use by an export", name);
+    } else {
+        pthread_mutex_lock(&n->lock);
+        if (n->busy_job) {
+            r = ct_err_set(err, -EBUSY,
+                           "Node '%s' is busy: block device is in use by block job: %s", name,
+                           n->busy_job);
+        } else {
+            r = ct_image_close(n->img, err);
+            n->img = NULL;
+        }
+        pthread_mutex_unlock(&n->lock);
+        if (!n->busy_job) {
+            *pp = n->next;
+            pthread_mutex_destroy(&n->lock);
+            free(n->name);
+            free(n->file);
+            free(n->format);
+            free(n->export_id);
+            free(n);
+        }
+    }
+    pthread_mutex_unlock(&nodes.lock);
+    return r;
 }
 
 int node_take(const char *name, struct ct_image **img, struct ct_err *err)
@@ -244,6 +308,7 @@ void node_close_all(void)
         free(n->file);
         free(n->format);
         free((char *)n->exp.name);
+        free(n->export_id);
         free(n);
         n = next;
     }

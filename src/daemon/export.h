@@ -20,6 +20,7 @@ struct node {
     pthread_mutex_t lock;
     bool writable;
     struct nbd_export exp; /* exp.name = export name, NULL when not exported */
+    char *export_id;       /* QMP block-export-add's id (defaults to the export name) */
     int users;             /* connections using the export */
     /* Called under `lock` after every successful guest write, zero write or trim (a mirror
      * job marks the range dirty); NULL when no job watches the node. */
@@ -48,6 +49,10 @@ int node_add(const char *name, const char *file, const char *format, bool writab
              struct ct_err *err);
 struct node *node_find(const char *name);
 int node_export(struct node *n, const char *export_name, bool writable, struct ct_err *err);
+/* block-export-del: stop exporting the node whose export has this id (no client connected). */
+int node_unexport(const char *export_id, struct ct_err *err);
+/* blockdev-del: flush, close and forget a node that is neither exported nor busy. */
+int node_del(const char *name, struct ct_err *err);
 /* Swap the node's image for another one (snapshot, pivot); caller holds n->lock. */
 void node_set_image(struct node *n, struct ct_image *img, const char *file, const char *format);
 void node_close_all(void);

@@ -229,6 +229,47 @@ static int cmd_block_export_add(json_object *args, struct qmp_reply *r)
     if (node_export(n, name, qmp_arg_bool(args, "writable", false), &err) < 0) {
         return qmp_fail(r, "GenericError", "%s", err.msg);
     }
+    const char *id = qmp_arg_str(args, "id");
+    if (id) {
+        pthread_mutex_lock(&nodes.lock);
+        free(n->export_id);
+        n->export_id = strdup(id);
+        pthread_mutex_unlock(&nodes.lock);
+    }
+    r->ret = json_object_new_object();
+    return 0;
+}
+
+static int cmd_block_export_del(json_object *args, struct qmp_reply *r)
+{
+    const char *id = qmp_arg_str(args, "id"), *mode = qmp_arg_str(args, "mode");
+    if (!id) {
+        return qmp_fail(r, "GenericError", "Parameter 'id' is missing");
+    }
+    if (mode && strcmp(mode, "safe") != 0 && strcmp(mode, "hard") != 0) {
+        return qmp_fail(r, "GenericError", "Parameter 'mode' does not accept value '%s'", mode);
+    }
+    struct ct_err err = {0};
+    if (node_unexport(id, &err) < 0) {
+        return qmp_fail(r, "GenericError", "%s", err.msg);
+    }
+    r->ret = json_object_new_object();
+    json_object *ev = json_object_new_object();
+    json_object_object_add(ev, "id", json_object_new_string(id));
+    qmp_event("BLOCK_EXPORT_DELETED", ev);
+    return 0;
+}
+
+static int cmd_blockdev_del(json_object *args, struct qmp_reply *r)
+{
+    const char *name = qmp_arg_str(args, "node-name");
+    if (!name) {
+        return qmp_fail(r, "GenericError", "Parameter 'node-name' is missing");
+    }
+    struct ct_err err = {0};
+    if (node_del(name, &err) < 0) {
+        return qmp_fail(r, "GenericError", "%s", err.msg);
+    }
     r->ret = json_object_new_object();
     return 0;
 }
@@ -384,6 +425,8 @@ static const struct {
     {"query-named-block-nodes", cmd_query_named_block_nodes},
     {"blockdev-add", cmd_blockdev_add},
     {"block-export-add", cmd_block_export_add},
+    {"block-export-del", cmd_block_export_del},
+    {"blockdev-del", cmd_blockdev_del},
     {"blockdev-snapshot-sync", cmd_blockdev_snapshot_sync},
     {"blockdev-snapshot-internal-sync", cmd_snapshot_internal_create},
     {"blockdev-snapshot-delete-internal-sync", cmd_snapshot_internal_delete},

@@ -82,7 +82,8 @@ class QMP:
             raise Failure("QMP connection closed")
         return json.loads(line)
 
-    def execute(self, name, **args):
+    def execute(self, _name, **args):
+        name = _name
         msg = {"execute": name}
         if args:
             msg["arguments"] = args
@@ -97,7 +98,8 @@ class QMP:
             log("<<", json.dumps(m)[:300])
             return m
 
-    def cmd(self, name, **args):
+    def cmd(self, _name, **args):
+        name = _name
         m = self.execute(name, **args)
         if "error" in m:
             raise Failure("%s failed: %s" % (name, m["error"]))
@@ -523,6 +525,32 @@ def sc_kill_midway(s):
     s.finish(s.top, ["top.qcow2", "mid.qcow2", "base.qcow2"])
 
 
+def sc_export_del(s):
+    """block-export-del and blockdev-del, as a manager shuts one domain's disk down."""
+    extra = os.path.join(s.d, "extra.qcow2")
+    s.extra = (extra,)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", extra, str(SIZE)])
+    s.q.cmd("blockdev-add", driver="qcow2", **{"node-name": "vdb",
+                                               "file": {"driver": "file", "filename": extra}})
+    s.q.cmd("block-export-add", type="nbd", id="e1", writable=True,
+            **{"node-name": "vdb", "name": "vdb"})
+    uri = "nbd+unix:///vdb?socket=%s" % s.daemon.nbd_path
+    run(["qemu-io", "-f", "raw", "-c", "write -q -P 0x5a 0 1M", uri])
+    s.q.error("blockdev-del", **{"node-name": "vdb"})  # still exported
+    s.q.error("block-export-del", id="nosuchexport")
+    s.q.cmd("block-export-del", id="e1")
+    s.q.wait_event("BLOCK_EXPORT_DELETED", lambda d: d.get("id") == "e1")
+    rc, _ = run(["qemu-io", "-f", "raw", "-c", "read -q 0 512", uri], check=False)
+    if rc == 0:
+        raise Failure("the deleted export still serves")
+    s.q.cmd("blockdev-del", **{"node-name": "vdb"})
+    s.q.error("blockdev-del", **{"node-name": "vdb"})  # gone
+    s.finish(s.top, ["top.qcow2", "mid.qcow2", "base.qcow2"])
+    rc, out = run(["qemu-io", "-f", "qcow2", "-c", "read -q -P 0x5a 0 1M", extra], check=False)
+    if rc != 0 or "Pattern verification failed" in out:
+        raise Failure("data written through the deleted export is not in the image: %s" % out)
+
+
 SCENARIOS = [
     ("commit-intermediate", sc_commit_intermediate),
     ("commit-active", sc_commit_active),
@@ -534,6 +562,7 @@ SCENARIOS = [
     ("mirror-cancel-ready", sc_mirror_cancel_ready),
     ("cancel-midway", sc_cancel_midway),
     ("kill-midway", sc_kill_midway),
+    ("export-del", sc_export_del),
 ]
 
 
