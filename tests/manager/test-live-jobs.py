@@ -235,9 +235,11 @@ def run(env):
                               stderr=subprocess.PIPE, text=True)
     try:
         # The waiting command leaves the home unlocked: another one sees the job meanwhile.
-        info = wait_for("the pull seen from another command", lambda: jobinfo(env).get("active")
-                        and jobinfo(env))
-        expect(info["type"] == "pull" and info["bandwidth"] == 1 << 20, info)
+        # (Not with qemu-storage-daemon: its QMP socket serves one client at a time.)
+        if not os.environ.get("COWTREE_DAEMON"):
+            info = wait_for("the pull seen from another command",
+                            lambda: jobinfo(env).get("active") and jobinfo(env))
+            expect(info["type"] == "pull" and info["bandwidth"] == 1 << 20, info)
     finally:
         out, err = waiter.communicate(timeout=120)
     expect(waiter.returncode == 1 and "--timeout of 2 s reached" in err,
