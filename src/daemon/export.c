@@ -2,12 +2,16 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "daemon/export.h"
 #include "nbd/nbd-proto.h"
 #include "util/err.h"
 
-struct node_table nodes = {.lock = PTHREAD_MUTEX_INITIALIZER};
+struct node_table nodes = {.lock = PTHREAD_MUTEX_INITIALIZER, .released = PTHREAD_COND_INITIALIZER};
+
+/* How long block-export-del waits for clients that are disconnecting. */
+#define UNEXPORT_WAIT_NS 2000000000ll
 
 static uint64_t ex_size(void *opaque)
 {
@@ -206,6 +210,14 @@ int node_unexport(const char *export_id, struct ct_err *err)
         n = n->next;
     }
     int r = 0;
+    /* A client that just hung up may not have been released yet: give it a moment (the
+     * condition, not the time, ends the wait when it goes). */
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += UNEXPORT_WAIT_NS / 1000000000ll;
+    while (n && n->users &&
+           pthread_cond_timedwait(&nodes.released, &nodes.lock, &until) != ETIMEDOUT) {
+    }
     if (!n) {
         r = ct_err_set(err, -ENOENT, "Export '%s' is not found", export_id);
     } else if (n->users) {
@@ -335,6 +347,7 @@ static void exports_release(void *opaque, struct nbd_export *e)
 {
     pthread_mutex_lock(&nodes.lock);
     ((struct node *)e->opaque)->users--;
+    pthread_cond_broadcast(&nodes.released);
     pthread_mutex_unlock(&nodes.lock);
 }
 

@@ -39,7 +39,8 @@ static inline void node_note_write(struct node *n, uint64_t off, uint64_t len)
 }
 
 struct node_table {
-    pthread_mutex_t lock; /* protects the list and `users` */
+    pthread_mutex_t lock;    /* protects the list and `users` */
+    pthread_cond_t released; /* signalled when a connection lets go of an export */
     struct node *head;
 };
 
