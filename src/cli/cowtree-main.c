@@ -1708,7 +1708,31 @@ static int cmd_snapshot_revert(int argc, char **argv)
     }
     struct ct_err err = {0};
     struct mgr_plan *plan = NULL;
+    /* A running domain has no CPUs or memory to restore: reverting it is what a reset does
+     * to its disks. They stop being served (clients are disconnected), the offline revert
+     * runs, and they are served again at the same NBD URIs, whatever the revert's outcome. */
+    struct mgr_domstate st = {0};
+    bool restart = !(f.flags & MGR_DRY_RUN) && mgr_domstate(mgr, dom, &st, &err) == 0 && st.running;
+    if (restart && mgr_shutdown(mgr, dom, &err) < 0) {
+        cli_error("error: could not stop serving the disks of '%s' for the revert", dom);
+        return fail(err.code, &err);
+    }
     int r = mgr_snapshot_revert(mgr, dom, snap, f.flags, &plan, &err);
+    if (restart) {
+        struct ct_err e2 = {0};
+        char **uris = NULL;
+        size_t n = 0;
+        if (mgr_start(mgr, dom, &uris, &n, &e2) < 0) {
+            cli_error("error: the disks of '%s' could not be served again after the revert: %s "
+                      "(cowtree start %s)",
+                      dom, e2.msg, dom);
+            if (r == 0) {
+                r = e2.code;
+                err = e2;
+            }
+        }
+        mgr_strv_free(uris, n);
+    }
     if (r < 0) {
         mgr_plan_free(plan);
         return fail(r, &err);

@@ -158,12 +158,27 @@ def run(env):
     ok("internal snapshots created and deleted live (QMP), data as written")
 
     # ---- refusals while running ----
-    r = env.run("snapshot-revert", "d", "e1", "--force", rc=4)
-    expect("while it is running" in r.stderr and "not supported yet" in r.stderr, r.stderr)
     r = env.run("undefine", "d", "--snapshots-metadata", rc=4)
     expect("running" in r.stderr, r.stderr)
     check_all(env, "d")
-    ok("revert and undefine are refused while running, with the reason")
+    ok("undefine is refused while running, with the reason")
+
+    # ---- revert of a running domain: its disks are served again on the snapshot's state ----
+    want = {t: env.read_view(v["source"], "qcow2", snapshot="i1") for t, v in env.disks("d").items()}
+    nbd_io(env, "d", "vda", "write -P 12 0 64k", "flush")  # a change no snapshot holds
+    r = env.run("snapshot-revert", "d", "i1", rc=None)
+    expect(r.returncode != 0 and "--force" in r.stderr, r.stderr)
+    expect(state(env, "d").startswith("running"), "still running after a refused revert: %s"
+           % state(env, "d"))
+    env.run("snapshot-revert", "d", "i1", "--force")
+    expect(state(env, "d").startswith("running"), "running after the revert: %s" % state(env, "d"))
+    for t in ("vda", "vdb"):
+        got = nbd_read(env, "d", t)
+        expect(got == want[t], "%s through NBD after the live revert reads i1's state" % t)
+    cur = env.run("snapshot-current", "d", "--name").stdout.strip()
+    expect(cur == "i1", cur)
+    check_all(env, "d")
+    ok("snapshot-revert of a running domain: served again, reading the snapshot's state")
 
     # ---- kill -9 of the daemon ----
     nbd_io(env, "d", "vdb", "write -P 6 1M 64k", "flush")
@@ -176,7 +191,7 @@ def run(env):
     expect(state(env, "d") == "running (booted)", state(env, "d"))
     vb = nbd_read(env, "d", "vdb")
     expect(vb[1 << 20:(1 << 20) + CHUNK] == bytes([6]) * CHUNK and
-           vb[CHUNK:2 * CHUNK] == bytes([5]) * CHUNK, "flushed writes survive kill -9")
+           vb[CHUNK:2 * CHUNK] == want["vdb"][CHUNK:2 * CHUNK], "flushed writes survive kill -9")
     ok("kill -9 of the daemon: shut off (crashed), start works again, flushed data kept")
 
     # ---- a snapshot journaled, then the manager and the daemon die: finished offline ----
