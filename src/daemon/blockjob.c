@@ -972,81 +972,44 @@ static int job_verb(json_object *args, struct qmp_reply *r, const char *idkey, e
     return 0;
 }
 
-static int cmd_cancel(json_object *a, struct qmp_reply *r)
-{
-    return job_verb(a, r, "device", V_CANCEL);
-}
-static int cmd_job_cancel(json_object *a, struct qmp_reply *r)
-{
-    return job_verb(a, r, "id", V_CANCEL_FORCE);
-}
-static int cmd_pause(json_object *a, struct qmp_reply *r)
-{
-    return job_verb(a, r, "device", V_PAUSE);
-}
-static int cmd_job_pause(json_object *a, struct qmp_reply *r)
-{
-    return job_verb(a, r, "id", V_PAUSE);
-}
-static int cmd_resume(json_object *a, struct qmp_reply *r)
-{
-    return job_verb(a, r, "device", V_RESUME);
-}
-static int cmd_job_resume(json_object *a, struct qmp_reply *r)
-{
-    return job_verb(a, r, "id", V_RESUME);
-}
-static int cmd_complete(json_object *a, struct qmp_reply *r)
-{
-    return job_verb(a, r, "device", V_COMPLETE);
-}
-static int cmd_job_complete(json_object *a, struct qmp_reply *r)
-{
-    return job_verb(a, r, "id", V_COMPLETE);
-}
-static int cmd_set_speed(json_object *a, struct qmp_reply *r)
-{
-    return job_verb(a, r, "device", V_SPEED);
-}
-static int cmd_finalize(json_object *a, struct qmp_reply *r)
-{
-    return job_verb(a, r, "id", V_FINALIZE);
-}
-static int cmd_dismiss(json_object *a, struct qmp_reply *r)
-{
-    return job_verb(a, r, "id", V_DISMISS);
-}
-
+/* Commands: the ones that start or list jobs have a function; the verbs name the argument
+ * that carries the job id (QEMU's legacy block-job-* commands call it "device"). */
 static const struct {
     const char *name;
     int (*fn)(json_object *args, struct qmp_reply *r);
+    const char *idkey;
+    enum verb verb;
 } job_commands[] = {
-    {"block-commit", cmd_block_commit},
-    {"block-stream", cmd_block_stream},
-    {"drive-mirror", cmd_drive_mirror},
-    {"blockdev-mirror", cmd_blockdev_mirror},
-    {"query-block-jobs", cmd_query_block_jobs},
-    {"query-jobs", cmd_query_jobs},
-    {"block-job-cancel", cmd_cancel},
-    {"block-job-pause", cmd_pause},
-    {"block-job-resume", cmd_resume},
-    {"block-job-complete", cmd_complete},
-    {"block-job-set-speed", cmd_set_speed},
-    {"block-job-finalize", cmd_finalize},
-    {"block-job-dismiss", cmd_dismiss},
-    {"job-cancel", cmd_job_cancel},
-    {"job-pause", cmd_job_pause},
-    {"job-resume", cmd_job_resume},
-    {"job-complete", cmd_job_complete},
-    {"job-finalize", cmd_finalize},
-    {"job-dismiss", cmd_dismiss},
+    {"block-commit", cmd_block_commit, NULL, 0},
+    {"block-stream", cmd_block_stream, NULL, 0},
+    {"drive-mirror", cmd_drive_mirror, NULL, 0},
+    {"blockdev-mirror", cmd_blockdev_mirror, NULL, 0},
+    {"query-block-jobs", cmd_query_block_jobs, NULL, 0},
+    {"query-jobs", cmd_query_jobs, NULL, 0},
+    {"block-job-cancel", NULL, "device", V_CANCEL},
+    {"block-job-pause", NULL, "device", V_PAUSE},
+    {"block-job-resume", NULL, "device", V_RESUME},
+    {"block-job-complete", NULL, "device", V_COMPLETE},
+    {"block-job-set-speed", NULL, "device", V_SPEED},
+    {"block-job-finalize", NULL, "id", V_FINALIZE},
+    {"block-job-dismiss", NULL, "id", V_DISMISS},
+    {"job-cancel", NULL, "id", V_CANCEL_FORCE},
+    {"job-pause", NULL, "id", V_PAUSE},
+    {"job-resume", NULL, "id", V_RESUME},
+    {"job-complete", NULL, "id", V_COMPLETE},
+    {"job-finalize", NULL, "id", V_FINALIZE},
+    {"job-dismiss", NULL, "id", V_DISMISS},
 };
 
 bool blockjob_dispatch(const char *cmd, json_object *args, struct qmp_reply *r)
 {
     for (size_t i = 0; i < sizeof(job_commands) / sizeof(job_commands[0]); i++) {
         if (!strcmp(cmd, job_commands[i].name)) {
-            job_commands[i].fn(args, r);
+            if (job_commands[i].fn) {
+                job_commands[i].fn(args, r);
+            } else {
+                job_verb(args, r, job_commands[i].idkey, job_commands[i].verb);
+            }
             /* Free the jobs that were dismissed (automatically or not) and are over. */
             pthread_mutex_lock(&jobs_lock);
             for (struct djob *d = jobs, *next; d; d = next) {

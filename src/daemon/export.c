@@ -233,79 +233,77 @@ int node_unexport(const char *export_id, struct ct_err *err)
     return r;
 }
 
-int node_del(const char *name, struct ct_err *err)
+/* Unlink the node called name from the table for blockdev-del (why_exported names the refusal
+ * when it is exported) or, with need_writable, for a mirror; nodes.lock held. Returns the
+ * node, or NULL with err set. The node's image is left to the caller. */
+static struct node *unlink_node_locked(const char *name, const char *why_exported,
+                                       bool need_writable, struct ct_err *err)
 {
-    pthread_mutex_lock(&nodes.lock);
     struct node **pp = &nodes.head;
     while (*pp && strcmp((*pp)->name, name) != 0) {
         pp = &(*pp)->next;
     }
     struct node *n = *pp;
-    int r = 0;
     if (!n) {
-        r = ct_err_set(err, -ENOENT, "Failed to find node with node-name='%s'", name);
-    } else if (n->exp.name || n->users) {
-        r = ct_err_set(err, -EBUSY, "Node '%s' is in use by an export", name);
-    } else {
-        pthread_mutex_lock(&n->lock);
-        if (n->busy_job) {
-            r = ct_err_set(err, -EBUSY,
-                           "Node '%s' is busy: block device is in use by block job: %s", name,
-                           n->busy_job);
-        } else {
-            r = ct_image_close(n->img, err);
-            n->img = NULL;
-        }
-        pthread_mutex_unlock(&n->lock);
-        if (!n->busy_job) {
-            *pp = n->next;
-            pthread_mutex_destroy(&n->lock);
-            free(n->name);
-            free(n->file);
-            free(n->format);
-            free(n->export_id);
-            free(n);
-        }
+        ct_err_set(err, -ENOENT, "Cannot find device='%s' nor node-name='%s'", name, name);
+        return NULL;
     }
+    if (n->exp.name || n->users) {
+        ct_err_set(err, -EBUSY, "Node '%s' %s", name, why_exported);
+        return NULL;
+    }
+    if (need_writable && !n->writable) {
+        ct_err_set(err, -EROFS, "Node '%s' is read-only", name);
+        return NULL;
+    }
+    pthread_mutex_lock(&n->lock);
+    const char *busy = n->busy_job;
+    pthread_mutex_unlock(&n->lock);
+    if (busy) {
+        ct_err_set(err, -EBUSY, "Node '%s' is busy: block device is in use by block job: %s", name,
+                   busy);
+        return NULL;
+    }
+    *pp = n->next;
+    return n;
+}
+
+static void node_free(struct node *n)
+{
+    pthread_mutex_destroy(&n->lock);
+    free(n->name);
+    free(n->file);
+    free(n->format);
+    free((char *)n->exp.name);
+    free(n->export_id);
+    free(n);
+}
+
+int node_del(const char *name, struct ct_err *err)
+{
+    pthread_mutex_lock(&nodes.lock);
+    struct node *n = unlink_node_locked(name, "is in use by an export", false, err);
     pthread_mutex_unlock(&nodes.lock);
+    if (!n) {
+        return err ? err->code : -ENOENT;
+    }
+    int r = ct_image_close(n->img, err);
+    node_free(n);
     return r;
 }
 
 int node_take(const char *name, struct ct_image **img, struct ct_err *err)
 {
     pthread_mutex_lock(&nodes.lock);
-    struct node **pp = &nodes.head;
-    while (*pp && strcmp((*pp)->name, name) != 0) {
-        pp = &(*pp)->next;
-    }
-    struct node *n = *pp;
-    int r = 0;
-    if (!n) {
-        r = ct_err_set(err, -ENOENT, "Cannot find device='%s' nor node-name='%s'", name, name);
-    } else if (n->exp.name || n->users) {
-        r = ct_err_set(err, -EBUSY, "node '%s' is exported: it cannot be a mirror target", name);
-    } else if (!n->writable) {
-        r = ct_err_set(err, -EROFS, "node '%s' is read-only", name);
-    } else {
-        pthread_mutex_lock(&n->lock);
-        if (n->busy_job) {
-            r = ct_err_set(err, -EBUSY,
-                           "Node '%s' is busy: block device is in use by block job: %s", name,
-                           n->busy_job);
-        }
-        pthread_mutex_unlock(&n->lock);
-    }
-    if (r == 0) {
-        *pp = n->next;
-        *img = n->img;
-        pthread_mutex_destroy(&n->lock);
-        free(n->name);
-        free(n->file);
-        free(n->format);
-        free(n);
-    }
+    struct node *n =
+        unlink_node_locked(name, "is exported: it cannot be a mirror target", true, err);
     pthread_mutex_unlock(&nodes.lock);
-    return r;
+    if (!n) {
+        return err ? err->code : -ENOENT;
+    }
+    *img = n->img;
+    node_free(n);
+    return 0;
 }
 
 void node_close_all(void)
@@ -316,12 +314,7 @@ void node_close_all(void)
         pthread_mutex_lock(&n->lock);
         ct_image_close(n->img, NULL);
         pthread_mutex_unlock(&n->lock);
-        free(n->name);
-        free(n->file);
-        free(n->format);
-        free((char *)n->exp.name);
-        free(n->export_id);
-        free(n);
+        node_free(n);
         n = next;
     }
     nodes.head = NULL;

@@ -603,6 +603,10 @@ static void dispatch(struct client *c, json_object *msg, int *quit)
         *quit = 1;
         r.ret = json_object_new_object();
     } else {
+        /* Commands run one at a time, whichever client sends them (as in QEMU's main loop): a
+         * command that removes a node never races one that is using it. */
+        static pthread_mutex_t command_lock = PTHREAD_MUTEX_INITIALIZER;
+        pthread_mutex_lock(&command_lock);
         size_t i;
         for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
             if (!strcmp(cmd, commands[i].name)) {
@@ -613,6 +617,7 @@ static void dispatch(struct client *c, json_object *msg, int *quit)
         if (i == sizeof(commands) / sizeof(commands[0]) && !blockjob_dispatch(cmd, args, &r)) {
             qmp_fail(&r, "CommandNotFound", "The command %s has not been found", cmd);
         }
+        pthread_mutex_unlock(&command_lock);
     }
     if (r.klass) {
         json_object *e = json_object_new_object();
