@@ -916,13 +916,16 @@ static void *worker_main(void *arg)
         bool quit = x->quit;
         pthread_mutex_unlock(&x->lock);
         int r = quit ? 0 : next_request(c, w, &q);
-        pthread_mutex_unlock(&x->rlock);
         if (r <= 0) {
+            /* Still holding rlock: no other worker may frame what follows a DISC or a bad
+             * request (T5). */
             if (!quit) {
                 conn_quit(c, r);
             }
+            pthread_mutex_unlock(&x->rlock);
             break;
         }
+        pthread_mutex_unlock(&x->rlock);
         r = execute(c, w, &q);
         pthread_mutex_lock(&x->lock);
         w->writing = false;
