@@ -14,7 +14,8 @@ struct nbd_extent {
 };
 
 /* One export's operations; every function returns 0 or -errno and may be called from several
- * connection threads at once (the implementation serialises as needed). */
+ * threads at once (several connections, and the workers of one connection, see `threads`
+ * below): the implementation serialises as needed. */
 struct nbd_export_ops {
     uint64_t (*size)(void *opaque);
     int (*pread)(void *opaque, void *buf, uint32_t len, uint64_t off);
