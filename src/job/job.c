@@ -76,6 +76,7 @@ struct ct_job {
     int ret;
     struct ct_err err;
     bool finished_phase; /* prepare/commit/abort/clean done (J3) */
+    bool final_claimed;  /* someone is running the final phase (J3): the others keep out */
 };
 
 /*
@@ -363,6 +364,7 @@ int ct_job_run(struct ct_job *job, struct ct_err *err)
     /* No transactions yet: nobody to wait for. */
     set_status(job, CT_JOB_STATUS_PENDING);
     bool fin = job->auto_finalize;
+    job->final_claimed = fin; /* (before the lock drops: a cancel or finalize now is too late) */
     pthread_mutex_unlock(&job->lock);
     if (fin) {
         finalize_phase(job);
@@ -375,6 +377,12 @@ int ct_job_finalize(struct ct_job *job, struct ct_err *err)
 {
     pthread_mutex_lock(&job->lock);
     int r = verb_check(job, CT_JOB_VERB_FINALIZE, err);
+    if (r == 0 && job->final_claimed) {
+        r = ct_err_set(err, -CT_E_STATE, "Job '%s' is already being finalized", job->id);
+    }
+    if (r == 0) {
+        job->final_claimed = true;
+    }
     pthread_mutex_unlock(&job->lock);
     if (r < 0) {
         return r;
@@ -390,6 +398,12 @@ int ct_job_cancel(struct ct_job *job, bool force, struct ct_err *err)
     pthread_mutex_lock(&job->lock);
     int r = verb_check(job, CT_JOB_VERB_CANCEL, err);
     bool run_abort = false;
+    if (r == 0 && job->final_claimed) {
+        /* Finalizing already (auto-finalize, or a finalize from another thread): too late,
+         * as in QEMU, where an auto-finalized job never rests in PENDING. */
+        r = ct_err_set(err, -CT_E_STATE, "Job '%s' is being finalized and cannot be cancelled",
+                       job->id);
+    }
     if (r == 0) {
         if (!force &&
             (job->status == CT_JOB_STATUS_READY || job->status == CT_JOB_STATUS_STANDBY)) {
@@ -399,6 +413,7 @@ int ct_job_cancel(struct ct_job *job, bool force, struct ct_err *err)
         }
         if (job->status == CT_JOB_STATUS_PENDING) {
             /* The job's thread is gone (manual finalize): undo here. */
+            job->final_claimed = true;
             job->ret = -ECANCELED;
             set_status(job, CT_JOB_STATUS_ABORTING);
             run_abort = true;
