@@ -44,7 +44,7 @@ static int wake_pipe[2] = {-1, -1};
 
 static void on_signal(int sig)
 {
-    quit_flag = 1;
+    __atomic_store_n(&quit_flag, 1, __ATOMIC_SEQ_CST);
     if (wake_pipe[1] >= 0) {
         ssize_t w = write(wake_pipe[1], "x", 1);
         (void)w;
@@ -119,7 +119,7 @@ static void *conn_thread(void *p)
     struct conn_arg *a = p;
     if (a->qmp) {
         qmp_serve(a->fd, &quit_flag);
-        if (quit_flag) {
+        if (__atomic_load_n(&quit_flag, __ATOMIC_SEQ_CST)) {
             on_signal(0);
         }
     } else {
@@ -405,7 +405,7 @@ int main(int argc, char **argv)
         }
     }
     daemon_ready(ready_fd, home);
-    while (!quit_flag) {
+    while (!__atomic_load_n(&quit_flag, __ATOMIC_SEQ_CST)) {
         struct pollfd p[4];
         int np = 0, map[4];
         for (int i = 0; i < 3; i++) {

@@ -600,7 +600,7 @@ static void dispatch(struct client *c, json_object *msg, int *quit)
         qmp_fail(&r, "CommandNotFound",
                  "Expecting capabilities negotiation with 'qmp_capabilities'");
     } else if (!strcmp(cmd, "quit")) {
-        *quit = 1;
+        __atomic_store_n(quit, 1, __ATOMIC_SEQ_CST); /* (read by other threads) */
         r.ret = json_object_new_object();
     } else {
         /* Commands run one at a time, whichever client sends them (as in QEMU's main loop): a
@@ -661,7 +661,7 @@ void qmp_serve(int fd, int *quit)
     json_tokener *tok = json_tokener_new();
     char buf[4096];
     size_t pending = 0;
-    while (!*quit) {
+    while (!__atomic_load_n(quit, __ATOMIC_SEQ_CST)) {
         ssize_t n = read(fd, buf, sizeof(buf));
         if (n <= 0) {
             break;
