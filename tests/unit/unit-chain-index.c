@@ -22,6 +22,7 @@
 #include "cowtree/cowtree.h"
 
 #define MAXL         9
+#define MAX_READ     (256u << 10) /* reads of 1 byte to 256 KiB, each checked byte by byte */
 #define CT_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define CT_MAX(a, b) ((a) > (b) ? (a) : (b))
 
@@ -139,13 +140,13 @@ static void verify(struct ct_image *top, struct layer *L, int n, int reads, cons
                    unsigned seed)
 {
     uint64_t size = L[0].size;
-    uint8_t *buf = malloc(1 << 20);
+    uint8_t *buf = malloc(MAX_READ);
     for (int k = 0; k < reads; k++) {
         uint64_t off = below(size);
-        uint64_t len = 1 + below(CT_MIN(size - off, (uint64_t)(1 << 20)));
+        uint64_t len = 1 + below(CT_MIN(size - off, (uint64_t)MAX_READ));
         if (k == 0 && last_len && last_off < size) {
             off = last_off;
-            len = CT_MIN(CT_MIN(last_len, size - off), (uint64_t)(1 << 20));
+            len = CT_MIN(CT_MIN(last_len, size - off), (uint64_t)MAX_READ);
         }
         if (k % 4 == 0) { /* sector-aligned reads as guests make them */
             off &= ~511ull;
@@ -180,7 +181,7 @@ static void one_seed(unsigned seed, const char *dir)
     struct layer L[MAXL];
     char path[MAXL][512];
     struct ct_err err = {0};
-    uint64_t top_size = (1 + below(24)) << 20;
+    uint64_t top_size = (1 + below(8)) << 20;
     /* Layer sizes: mostly the top's, sometimes shorter (hiding what lies below) or longer. */
     for (int i = 0; i < n; i++) {
         uint64_t s = top_size;
