@@ -11,11 +11,12 @@
 #include "manager/manager-int.h"
 #include "util/err.h"
 
-static void probe_free(struct m_probe *p)
+/* A failed read of a live image: only the allocation map could not be had (m_read_image). */
+#define CT_E_MAP_LIVE 20001
+
+/* Free what a probe holds and zero it. */
+static void probe_reset(struct m_probe *p)
 {
-    if (!p) {
-        return;
-    }
     free(p->path);
     free(p->format);
     for (size_t i = 0; i < p->nsnaps; i++) {
@@ -24,6 +25,15 @@ static void probe_free(struct m_probe *p)
     free(p->snaps);
     free(p->backing);
     free(p->backing_fmt);
+    memset(p, 0, sizeof(*p));
+}
+
+static void probe_free(struct m_probe *p)
+{
+    if (!p) {
+        return;
+    }
+    probe_reset(p);
     free(p);
 }
 
@@ -61,7 +71,33 @@ void m_probe_set_force_share(bool on)
     force_share = on;
 }
 
+static int read_image_once(const char *path, const char *fmt, struct m_probe *out,
+                           struct ct_err *err);
+
+/* An image the daemon is writing (force-share) can be read in a state no single instant had:
+ * its tables change under a reader that opened it a moment before, and a data cluster may sit
+ * where the reader still expects metadata. Such a read is tried again from a fresh open; if it
+ * keeps failing only on the allocation map, the map is estimated as fully allocated (it only
+ * sizes plans), not reported as a disagreement. */
 int m_read_image(const char *path, const char *fmt, struct m_probe *out, struct ct_err *err)
+{
+    int r = read_image_once(path, fmt, out, err);
+    for (int tries = 0; r < 0 && force_share && tries < 4; tries++) {
+        probe_reset(out);
+        r = read_image_once(path, fmt, out, err);
+    }
+    if (r < 0 && r != -CT_E_MAP_LIVE) {
+        probe_reset(out);
+    }
+    if (r == -CT_E_MAP_LIVE) {
+        out->alloc = out->size;
+        r = 0;
+    }
+    return r;
+}
+
+static int read_image_once(const char *path, const char *fmt, struct m_probe *out,
+                           struct ct_err *err)
 {
     memset(out, 0, sizeof(*out));
     struct ct_image *img = NULL;
@@ -100,6 +136,9 @@ int m_read_image(const char *path, const char *fmt, struct m_probe *out, struct 
         if (r < 0 || e.len == 0) {
             r = r < 0 ? r : -EIO;
             ct_err_set(err, r, "%s: cannot read the allocation map: %s", path, ct_strerror(r));
+            if (force_share) {
+                r = -CT_E_MAP_LIVE; /* the rest of the probe is good */
+            }
             break;
         }
         if (e.flags & CT_STATUS_ALLOCATED) {
