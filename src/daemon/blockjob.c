@@ -324,19 +324,36 @@ static void *job_thread(void *p)
     return NULL;
 }
 
-/* Start a prepared djob (its ct_job made with the djob as opaque); jobs_lock held. */
-static int start_job(struct djob *d, struct qmp_reply *r)
+/* Start a prepared djob (its ct_job made with the djob as opaque). Called with jobs_lock and
+ * the node's lock held, releases both; on failure the djob is undone. */
+static void drop_djob(struct djob *d);
+
+static int launch_job(struct djob *d, struct qmp_reply *r)
 {
+    pthread_mutex_unlock(&d->node->lock);
     status_event(d, CT_JOB_STATUS_CREATED);
     d->next = jobs;
     jobs = d;
+    int ret = 0;
     if (pthread_create(&d->thread, NULL, job_thread, d) != 0) {
         jobs = d->next;
-        return qmp_fail(r, "GenericError", "cannot start a thread for job '%s'", d->id);
+        ret = qmp_fail(r, "GenericError", "cannot start a thread for job '%s'", d->id);
+        pthread_mutex_lock(&d->node->lock);
+        drop_djob(d);
+    } else {
+        d->thread_started = true;
+        r->ret = json_object_new_object();
     }
-    d->thread_started = true;
-    r->ret = json_object_new_object();
-    return 0;
+    pthread_mutex_unlock(&jobs_lock);
+    return ret;
+}
+
+/* Undo a djob that failed before it started (jobs_lock and the node's lock held; both released). */
+static int abandon_job(struct djob *d)
+{
+    drop_djob(d);
+    pthread_mutex_unlock(&jobs_lock);
+    return -1;
 }
 
 /* Common argument handling: job id, speed, auto-finalize/dismiss, a free node. The node's
@@ -484,7 +501,6 @@ static int cmd_block_commit(json_object *args, struct qmp_reply *r)
     struct ct_image *top = top_name ? find_layer(n, top_name) : n->img;
     struct ct_image *base = NULL;
     struct ct_err err = {0};
-    int ret = -1;
     if (!top) {
         qmp_fail(r, "GenericError", "Top image '%s' not found in the backing chain of '%s'",
                  top_name, n->name);
@@ -560,18 +576,9 @@ static int cmd_block_commit(json_object *args, struct qmp_reply *r)
         d->keep_above = overlay;
         d->new_backing = base;
     }
-    pthread_mutex_unlock(&n->lock);
-    ret = start_job(d, r);
-    if (ret < 0) {
-        pthread_mutex_lock(&n->lock);
-        drop_djob(d);
-    }
-    pthread_mutex_unlock(&jobs_lock);
-    return ret;
+    return launch_job(d, r);
 fail:
-    drop_djob(d);
-    pthread_mutex_unlock(&jobs_lock);
-    return -1;
+    return abandon_job(d);
 }
 
 /* ---- block-stream ---- */
@@ -613,18 +620,9 @@ static int cmd_block_stream(json_object *args, struct qmp_reply *r)
     }
     d->keep_above = n->img;
     d->new_backing = base;
-    pthread_mutex_unlock(&n->lock);
-    int ret = start_job(d, r);
-    if (ret < 0) {
-        pthread_mutex_lock(&n->lock);
-        drop_djob(d);
-    }
-    pthread_mutex_unlock(&jobs_lock);
-    return ret;
+    return launch_job(d, r);
 fail:
-    drop_djob(d);
-    pthread_mutex_unlock(&jobs_lock);
-    return -1;
+    return abandon_job(d);
 }
 
 /* ---- drive-mirror ---- */
@@ -700,18 +698,9 @@ static int cmd_blockdev_mirror(json_object *args, struct qmp_reply *r)
     }
     n->write_hook = mirror_write_hook;
     n->write_hook_opaque = d->job;
-    pthread_mutex_unlock(&n->lock);
-    int ret = start_job(d, r);
-    if (ret < 0) {
-        pthread_mutex_lock(&n->lock);
-        drop_djob(d);
-    }
-    pthread_mutex_unlock(&jobs_lock);
-    return ret;
+    return launch_job(d, r);
 fail:
-    drop_djob(d);
-    pthread_mutex_unlock(&jobs_lock);
-    return -1;
+    return abandon_job(d);
 }
 
 static int cmd_drive_mirror(json_object *args, struct qmp_reply *r)
@@ -801,18 +790,9 @@ static int cmd_drive_mirror(json_object *args, struct qmp_reply *r)
     }
     n->write_hook = mirror_write_hook;
     n->write_hook_opaque = d->job;
-    pthread_mutex_unlock(&n->lock);
-    int ret = start_job(d, r);
-    if (ret < 0) {
-        pthread_mutex_lock(&n->lock);
-        drop_djob(d);
-    }
-    pthread_mutex_unlock(&jobs_lock);
-    return ret;
+    return launch_job(d, r);
 fail:
-    drop_djob(d);
-    pthread_mutex_unlock(&jobs_lock);
-    return -1;
+    return abandon_job(d);
 }
 
 /* ---- queries and verbs ---- */

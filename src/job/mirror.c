@@ -44,7 +44,6 @@ struct mirror_state {
     uint64_t ndirty;   /* bits set */
     uint64_t cursor;   /* where the copy loop looks next */
     bool pivot_wanted; /* run ended on complete: prepare pivots */
-    struct ct_job *job;
     uint8_t *buf, *zbuf;
 };
 
@@ -319,11 +318,7 @@ int ct_job_mirror_create(struct ct_job **out, const struct ct_mirror_opts *o,
         free(s);
         return ct_err_set(err, -ENOMEM, "out of memory");
     }
-    int r = job_create(out, &mirror_driver, s, jo, err);
-    if (r == 0) {
-        s->job = *out;
-    }
-    return r;
+    return job_create(out, &mirror_driver, s, jo, err);
 }
 
 void ct_job_mirror_note_write(struct ct_job *job, uint64_t off, uint64_t len)
