@@ -60,6 +60,9 @@ enum ct_open_flags {
     CT_OPEN_NO_REPAIR = 1u << 3,     /* do not repair a dirty image on read-write open */
     CT_OPEN_WRITETHROUGH = 1u << 4,  /* flush after every write (qemu's cache=writethrough) */
     CT_OPEN_ALLOW_CORRUPT = 1u << 5, /* allow write open of a corrupt-marked image (repair) */
+    /* Ignore flushes, the metadata barriers included (qemu's cache=unsafe): for copies that
+     * can be redone. A crash or power loss may leave the image corrupt. */
+    CT_OPEN_NO_FLUSH = 1u << 6,
 };
 
 struct ct_open_opts {
@@ -123,6 +126,9 @@ int ct_image_pwrite_compressed(struct ct_image *img, const void *buf, uint64_t l
  * several threads. */
 int ct_image_copy_range(struct ct_image *src, uint64_t src_off, struct ct_image *dst,
                         uint64_t dst_off, uint64_t len);
+/* Start writing img's file back to disk after every `bytes` written through this handle,
+ * without waiting (0: off, the default). For long copies that end in a flush. */
+void ct_image_set_write_behind(struct ct_image *img, uint64_t bytes);
 /* Cluster size of a qcow2 image (0 for raw): the unit of pwrite_compressed. */
 uint64_t ct_image_cluster_size(const struct ct_image *img);
 int ct_image_pwrite_zeroes(struct ct_image *img, uint64_t len, uint64_t off, unsigned flags);

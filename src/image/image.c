@@ -165,6 +165,7 @@ static int open_one(struct ct_image **out, const char *path, const char *format,
     if (r < 0) {
         goto fail;
     }
+    img->file->no_flush = (flags & CT_OPEN_NO_FLUSH) != 0;
     if (img->file->fd >= 0) {
         struct stat st;
         if (fstat(img->file->fd, &st) == 0) {
@@ -377,6 +378,7 @@ static int reopen_as(struct ct_image *img, const struct ct_driver *drv, bool wri
         img->file = NULL;
         return r;
     }
+    img->file->no_flush = (img->flags & CT_OPEN_NO_FLUSH) != 0;
     if (!(img->flags & CT_OPEN_FORCE_SHARE)) {
         r = ct_file_lock(img->file, writable, err);
     }
@@ -840,6 +842,13 @@ int ct_image_make_empty(struct ct_image *img, struct ct_err *err)
         r = qcow2_flush_metadata(q);
     }
     return r < 0 ? ct_err_set(err, r, "could not empty the image: %s", ct_strerror(r)) : 0;
+}
+
+void ct_image_set_write_behind(struct ct_image *img, uint64_t bytes)
+{
+    if (img->file) {
+        ct_file_set_write_behind(img->file, bytes);
+    }
 }
 
 int ct_image_copy_range(struct ct_image *src, uint64_t src_off, struct ct_image *dst,

@@ -28,6 +28,8 @@ struct ct_file_ops {
     int (*prealloc)(struct ct_file *f, uint64_t off, uint64_t len);
     /* Is off in a hole (reads as zero, no storage)? *len = bytes from off of that kind. */
     int (*extent)(struct ct_file *f, uint64_t off, uint64_t max, bool *hole, uint64_t *len);
+    /* Start writing the file's dirty pages back, without waiting for them (optional). */
+    void (*writeback)(struct ct_file *f);
     void (*close)(struct ct_file *f);
 };
 
@@ -35,7 +37,12 @@ struct ct_file {
     const struct ct_file_ops *ops;
     char *path;
     bool writable;
-    int fd; /* -1 for non-posix backends */
+    int fd;        /* -1 for non-posix backends */
+    bool no_flush; /* flushes succeed without reaching the storage (CT_OPEN_NO_FLUSH) */
+    /* Write-behind (ct_file_set_write_behind): start writeback after this many bytes were
+     * written since the last start; 0 = leave it to the kernel. */
+    uint64_t write_behind;
+    uint64_t unstarted; /* bytes written since writeback was last started (atomic) */
 };
 
 enum ct_file_open_flags {
@@ -58,6 +65,16 @@ int64_t ct_file_allocated(struct ct_file *f);
 int ct_file_punch(struct ct_file *f, uint64_t off, uint64_t len);
 int ct_file_prealloc(struct ct_file *f, uint64_t off, uint64_t len);
 int ct_file_extent(struct ct_file *f, uint64_t off, uint64_t max, bool *hole, uint64_t *len);
+/*
+ * Write-behind: once `bytes` have been written through f since the last time, ask the kernel
+ * to start writing the file's dirty pages back, without waiting. A long copy that ends in a
+ * flush then overlaps its disk writes with the copy instead of leaving them all to the final
+ * fdatasync (the kernel alone starts only at its dirty_background threshold, often gigabytes).
+ * 0 turns it off. Safe when several threads write through f.
+ */
+void ct_file_set_write_behind(struct ct_file *f, uint64_t bytes);
+/* For backends' writes that bypass ct_file_pwrite (copy_file_range): count them. */
+void ct_file_note_written(struct ct_file *f, uint64_t written);
 /* Copy len bytes from src at src_off to dst at dst_off inside the kernel (copy_file_range).
  * -EOPNOTSUPP when either file is not a POSIX file; other -errno (-EXDEV, -EINVAL, ...) when
  * the kernel refuses, so callers fall back to pread + pwrite. Counts as one write for fault

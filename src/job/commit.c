@@ -61,6 +61,7 @@ static int commit_run(struct ct_job *job, struct ct_err *err)
     uint64_t size = ct_image_size(s->layers[0]);
     uint64_t bufsz = job_buf_bytes(job);
     job_progress_set_total(job, size);
+    job_write_behind(job, s->base);
     if (ct_image_size(s->base) < size) {
         int r = ct_image_truncate(s->base, size, false, err);
         if (r < 0) {

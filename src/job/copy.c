@@ -611,6 +611,7 @@ static int copy_run(struct ct_job *job, struct ct_err *err)
         total += ct_image_size(s->srcs[i]);
     }
     job_progress_set_total(job, total);
+    job_write_behind(job, s->dst);
     if (ct_image_size(s->dst) < total) {
         return ct_err_set(err, -EINVAL, "The target '%s' is smaller than the source(s)",
                           ct_image_filename(s->dst));

@@ -37,6 +37,12 @@ void *job_opaque(struct ct_job *job);
 /* Request size for copies (from ct_job_opts.buf_bytes). */
 uint64_t job_buf_bytes(const struct ct_job *job);
 
+/* The job writes much of its data into img: start writing it back to disk as it goes (every
+ * JOB_WRITE_BEHIND bytes, ct_file_set_write_behind) so that the flush that ends the job does not
+ * wait for all of it, until the job ends. One image per job. */
+#define JOB_WRITE_BEHIND (32ull << 20)
+void job_write_behind(struct ct_job *job, struct ct_image *img);
+
 /* Between requests: blocks while paused (status PAUSED or STANDBY meanwhile). Returns 0, or
  * -ECANCELED when the job was cancelled (the run callback must then return promptly). */
 int job_pause_point(struct ct_job *job);

@@ -52,6 +52,7 @@ struct ct_job {
     void *opaque;
     char *id;
     uint64_t buf_bytes;
+    struct ct_image *write_behind; /* job_write_behind(), or NULL */
     ct_job_progress_fn progress_cb;
     ct_job_status_fn status_cb;
     void *cb_opaque;
@@ -274,6 +275,21 @@ static void conclude(struct ct_job *job)
     pthread_mutex_unlock(&job->lock);
 }
 
+void job_write_behind(struct ct_job *job, struct ct_image *img)
+{
+    job->write_behind = img;
+    ct_image_set_write_behind(img, JOB_WRITE_BEHIND);
+}
+
+/* Before clean: the images may be closed as soon as the job concludes. */
+static void end_write_behind(struct ct_job *job)
+{
+    if (job->write_behind) {
+        ct_image_set_write_behind(job->write_behind, 0);
+        job->write_behind = NULL;
+    }
+}
+
 /* Status is ABORTING; ret is the reason. */
 static void abort_phase(struct ct_job *job)
 {
@@ -282,6 +298,7 @@ static void abort_phase(struct ct_job *job)
     if (job->drv->abort) {
         job->drv->abort(job);
     }
+    end_write_behind(job);
     if (job->drv->clean) {
         job->drv->clean(job);
     }
@@ -307,6 +324,7 @@ static void finalize_phase(struct ct_job *job)
     if (job->drv->commit) {
         job->drv->commit(job);
     }
+    end_write_behind(job);
     if (job->drv->clean) {
         job->drv->clean(job);
     }

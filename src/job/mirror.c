@@ -188,6 +188,7 @@ static int mirror_run(struct ct_job *job, struct ct_err *err)
 {
     struct mirror_state *s = job_opaque(job);
     uint64_t bufsz = job_buf_bytes(job);
+    job_write_behind(job, s->target);
     s->buf = job_buf_alloc(bufsz);
     s->zbuf = calloc(1, bufsz);
     if (!s->buf || !s->zbuf) {

@@ -339,6 +339,7 @@ static int rebase_run(struct ct_job *job, struct ct_err *err)
 {
     struct rebase_state *s = job_opaque(job);
     job_progress_set_total(job, ct_image_size(s->img));
+    job_write_behind(job, s->img);
     struct job_diff d = {
         .target = s->img,
         .skip_target_allocated = true,

@@ -106,6 +106,7 @@ static int stream_run(struct ct_job *job, struct ct_err *err)
     uint64_t size = ct_image_size(s->img);
     uint64_t bufsz = job_buf_bytes(job);
     job_progress_set_total(job, size);
+    job_write_behind(job, s->img);
     if (s->n == 0) {
         return 0;
     }

@@ -512,7 +512,7 @@ int mgr_clone(struct mgr *m, const char *dom, const char *snap, const char *newd
 {
     struct m_ctx x;
     ctx_init(&x, m);
-    struct m_domain *d;
+    struct m_domain *d = NULL;
     struct m_disk *unused;
     int r = mgr_check_name("domain", newdom, err);
     if (r == 0) {
