@@ -4,7 +4,7 @@ set -euo pipefail
 pkgs=(meson ninja-build gcc clang libclang-rt-14-dev pkg-config
       zlib1g-dev libzstd-dev libjson-c-dev libsqlite3-dev libxml2-dev libvirt-clients
       libnbd-bin fio qemu-system-common gnuplot-nox time
-      qemu-utils python3 coreutils)
+      qemu-utils python3 coreutils strace)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

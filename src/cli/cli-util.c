@@ -95,6 +95,29 @@ const char *cli_size_str(uint64_t v, char *buf, size_t len)
     return buf;
 }
 
+int cli_cache_flags(const char *mode, unsigned *flags)
+{
+    static const struct {
+        const char *name;
+        unsigned flags;
+    } modes[] = {
+        {"writeback", 0},
+        {"none", 0},
+        {"off", 0},
+        {"writethrough", CT_OPEN_WRITETHROUGH},
+        {"directsync", CT_OPEN_WRITETHROUGH},
+        {"unsafe", CT_OPEN_NO_FLUSH},
+    };
+    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
+        if (strcmp(mode, modes[i].name) == 0) {
+            *flags = modes[i].flags;
+            return 0;
+        }
+    }
+    cli_error("Invalid cache option: %s", mode);
+    return -1;
+}
+
 void cli_error(const char *fmt, ...)
 {
     va_list ap;

@@ -17,6 +17,13 @@ const char *cli_size_str(uint64_t v, char *buf, size_t len);
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* "prog: FILE: msg" from an err. */
 void cli_error_err(const char *file, const struct ct_err *err);
+/*
+ * qemu's cache modes (-t / -T) as open flags for images written: writeback and none (0),
+ * writethrough and directsync (CT_OPEN_WRITETHROUGH), unsafe (CT_OPEN_NO_FLUSH). none and
+ * directsync do not bypass the page cache (no O_DIRECT: docs/cli-contract.md). Prints
+ * "Invalid cache option: MODE" and returns -1 for any other name.
+ */
+int cli_cache_flags(const char *mode, unsigned *flags);
 /* The backing-directory policy from COWTREE_BACKING_DIRS (NULL when unset). */
 const char *cli_backing_dirs(void);
 /* Enable fault injection from COWTREE_FAULT; report counts at exit when asked. */

@@ -18,6 +18,7 @@ int img_bench(int argc, char **argv)
     const char *fmt = NULL;
     uint64_t count = 75000, depth = 64, size = 4096, offset = 0, step = 0, flush_interval = 0;
     bool write = false, quiet = false, no_drain = false;
+    unsigned cache_flags = 0;
     int pattern = 0xa5;
     static const struct option lo[] = {{"pattern", required_argument, NULL, 'P'},
                                        {"flush-interval", required_argument, NULL, 'I'},
@@ -54,8 +55,12 @@ int img_bench(int argc, char **argv)
         case 'w':
             write = true;
             break;
-        case 'n':
         case 't':
+            if (cli_cache_flags(optarg, &cache_flags) < 0) {
+                return 1;
+            }
+            break;
+        case 'n':
         case 'i':
         case 'U':
             break;
@@ -84,7 +89,7 @@ int img_bench(int argc, char **argv)
         step = size;
     }
     const char *file = argv[optind];
-    struct ct_image *img = img_open(file, fmt, write ? CT_OPEN_WRITE : 0);
+    struct ct_image *img = img_open(file, fmt, write ? CT_OPEN_WRITE | cache_flags : 0);
     if (!img) {
         return 1;
     }

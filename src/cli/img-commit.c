@@ -44,6 +44,7 @@ int img_commit(int argc, char **argv)
 {
     const char *fmt = NULL, *base_name = NULL;
     bool keep = false, progress = false, quiet = false;
+    unsigned cache_flags = 0; /* -t: how the images written are written */
     uint64_t rate = 0;
     int ret = 1;
     /* "--rebase-overlays A B ..." takes every following non-option word. */
@@ -93,7 +94,10 @@ int img_commit(int argc, char **argv)
             quiet = true;
             break;
         case 't':
-            break; /* cache mode: accepted, not used */
+            if (cli_cache_flags(optarg, &cache_flags) < 0) {
+                goto out_args;
+            }
+            break;
         case 'r':
             if (cli_parse_size(optarg, &rate) < 0 || rate == 0) {
                 cli_error("Invalid rate limit '%s'", optarg);
@@ -166,7 +170,7 @@ int img_commit(int argc, char **argv)
 
     /* 2. Overlays to rebase: must have TOP as their backing file. */
     for (unsigned i = 0; i < nov; i++) {
-        ovs[i] = img_open(ovnames[i], NULL, CT_OPEN_WRITE | CT_OPEN_NO_BACKING);
+        ovs[i] = img_open(ovnames[i], NULL, CT_OPEN_WRITE | CT_OPEN_NO_BACKING | cache_flags);
         if (!ovs[i]) {
             goto out;
         }
@@ -185,7 +189,7 @@ int img_commit(int argc, char **argv)
 
     /* 3. The committed layers, each without its backing file; then the base, writable. */
     for (unsigned i = 0; i < n; i++) {
-        unsigned flags = CT_OPEN_NO_BACKING | (i == 0 && !keep ? CT_OPEN_WRITE : 0);
+        unsigned flags = CT_OPEN_NO_BACKING | (i == 0 && !keep ? CT_OPEN_WRITE | cache_flags : 0);
         layers[i] = img_open(desc[i].path, desc[i].fmt, flags);
         if (!layers[i]) {
             goto out;
@@ -195,7 +199,7 @@ int img_commit(int argc, char **argv)
         cli_error("%s: cannot empty a %s image after the commit (use -d)", top, desc[0].fmt);
         goto out;
     }
-    base = img_open(desc[n].path, desc[n].fmt, CT_OPEN_WRITE);
+    base = img_open(desc[n].path, desc[n].fmt, CT_OPEN_WRITE | cache_flags);
     if (!base) {
         goto out;
     }

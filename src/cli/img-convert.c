@@ -60,6 +60,7 @@ int img_convert(int argc, char **argv)
     uint64_t min_sparse = 4096, rate = 0;
     bool compress = false, out_of_order = false, copy_offload = false, sparse_given = false;
     unsigned nb_workers = 8;
+    unsigned cache_flags = 0; /* -t: how the target is written */
     static const struct option lo[] = {
         {"help", no_argument, NULL, 'h'},
         {"target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO},
@@ -102,8 +103,17 @@ int img_convert(int argc, char **argv)
             copy_offload = true;
             break;
         case 't':
-        case 'T':
-            break; /* cache modes */
+            if (cli_cache_flags(optarg, &cache_flags) < 0) {
+                goto out;
+            }
+            break;
+        case 'T': {
+            unsigned unused; /* sources are only read: any mode reads the same bytes */
+            if (cli_cache_flags(optarg, &unused) < 0) {
+                goto out;
+            }
+            break;
+        }
         case 'U':
             force_share = true;
             break;
@@ -283,7 +293,8 @@ int img_convert(int argc, char **argv)
             goto out_imgs;
         }
     }
-    dst = img_open(dst_path, open_fmt, CT_OPEN_WRITE | (backing ? 0 : CT_OPEN_NO_BACKING));
+    dst = img_open(dst_path, open_fmt,
+                   CT_OPEN_WRITE | cache_flags | (backing ? 0 : CT_OPEN_NO_BACKING));
     if (!dst) {
         goto out_imgs;
     }

@@ -27,6 +27,7 @@ int img_rebase(int argc, char **argv)
 {
     const char *fmt = NULL, *backing = NULL, *bfmt = NULL;
     bool unsafe = false, progress = false, quiet = false, compress = false;
+    unsigned cache_flags = 0;
     static const struct option lo[] = {{"help", no_argument, NULL, 'h'},
                                        {"force-share", no_argument, NULL, 'U'},
                                        {"compress", no_argument, NULL, 'c'},
@@ -53,8 +54,17 @@ int img_rebase(int argc, char **argv)
             quiet = true;
             break;
         case 't':
-        case 'T':
-            break; /* cache modes: accepted, not used */
+            if (cli_cache_flags(optarg, &cache_flags) < 0) {
+                return 1;
+            }
+            break;
+        case 'T': {
+            unsigned unused; /* backing files are only read */
+            if (cli_cache_flags(optarg, &unused) < 0) {
+                return 1;
+            }
+            break;
+        }
         case 'c':
             compress = true;
             break;
@@ -90,7 +100,8 @@ int img_rebase(int argc, char **argv)
     }
     struct ct_err err = {0};
     if (unsafe) {
-        struct ct_image *img = img_open(file, fmt, CT_OPEN_WRITE | CT_OPEN_NO_BACKING);
+        struct ct_image *img =
+            img_open(file, fmt, CT_OPEN_WRITE | CT_OPEN_NO_BACKING | cache_flags);
         if (!img) {
             return 1;
         }
@@ -107,7 +118,7 @@ int img_rebase(int argc, char **argv)
         return 0;
     }
 
-    struct ct_image *img = img_open(file, fmt, CT_OPEN_WRITE);
+    struct ct_image *img = img_open(file, fmt, CT_OPEN_WRITE | cache_flags);
     if (!img) {
         return 1;
     }

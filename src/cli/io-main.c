@@ -481,11 +481,14 @@ int main(int argc, char **argv)
         case 'U':
             flags = (flags & ~(unsigned)CT_OPEN_WRITE) | CT_OPEN_FORCE_SHARE;
             break;
-        case 't':
-            if (strcmp(optarg, "writethrough") == 0) {
-                flags |= CT_OPEN_WRITETHROUGH;
+        case 't': {
+            unsigned cf;
+            if (cli_cache_flags(optarg, &cf) < 0) {
+                return 1;
             }
+            flags = (flags & ~(unsigned)(CT_OPEN_WRITETHROUGH | CT_OPEN_NO_FLUSH)) | cf;
             break;
+        }
         case 'n':
             break;
         case 'h':

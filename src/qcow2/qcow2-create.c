@@ -3,6 +3,12 @@
  * table, one refcount block, an empty L1), then opened with the engine, which writes the
  * extensions and backing link and grows the L1 table to the requested size, exactly like a
  * resize. So creation shares the crash-safe paths instead of duplicating layout code.
+ *
+ * Until the image is complete nobody uses the file and the caller has not been told it
+ * exists, so the ordering barriers of those paths buy nothing there: they are skipped
+ * (CT_OPEN_NO_FLUSH): one flush makes the whole image durable, then the close clears the
+ * dirty bit. A crash (or power loss) during creation can leave an unusable file, never a usable
+ * one with wrong content; a kill -9 leaves exactly what it left with the barriers.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -55,9 +61,6 @@ static int write_minimal(struct ct_file *f, const struct ct_create_opts *o, unsi
         }
     }
     int r = ct_file_pwrite(f, buf, 3 * cs, 0);
-    if (r == 0) {
-        r = ct_file_flush(f);
-    }
     free(buf);
     return r;
 }
@@ -122,7 +125,8 @@ int qcow2_create(const char *path, const struct ct_create_opts *o, uint64_t size
     }
 
     struct ct_image *img;
-    struct ct_open_opts oo = {.format = "qcow2", .flags = CT_OPEN_WRITE | CT_OPEN_NO_BACKING};
+    struct ct_open_opts oo = {.format = "qcow2",
+                              .flags = CT_OPEN_WRITE | CT_OPEN_NO_BACKING | CT_OPEN_NO_FLUSH};
     r = ct_image_open(&img, path, &oo, err);
     if (r < 0) {
         return r;
@@ -146,6 +150,15 @@ int qcow2_create(const char *path, const struct ct_create_opts *o, uint64_t size
         }
     } else if (r < 0 && err && err->code == 0) {
         ct_err_set(err, r, "Could not create '%s': %s", path, ct_strerror(r));
+    }
+    /* Everything durable, then the close clears the dirty bit behind a barrier of its own. */
+    img->file->no_flush = false;
+    if (r == 0 && (r = qcow2_flush_metadata(q)) == 0) {
+        /* On the file: the skipped barriers left the engine believing it is in sync. */
+        r = ct_file_flush(img->file);
+    }
+    if (r < 0 && err && err->code == 0) {
+        ct_err_set(err, r, "Could not write '%s': %s", path, ct_strerror(r));
     }
     int cr = ct_image_close(img, r < 0 ? NULL : err);
     return r < 0 ? r : cr;
