@@ -23,8 +23,9 @@
  *      which block status reports unit-aligned.
  *  R3. The link changes last, after a flush (rebase prepare).
  *
- * With compress (rebase -c, convert -B -c), the data units written are whole clusters and
- * go through ct_image_pwrite_compressed(); what the target allocated before is left as it
+ * With compress (rebase -c, convert -B -c), the whole clusters written go through
+ * ct_image_pwrite_compressed() (with extended L2, clusters only partly written stay
+ * uncompressed subclusters); what the target allocated before is left as it
  * is, and zero units stay zero clusters (QEMU 8.2's rebase -c: only what is copied from
  * the old backing chain is compressed).
  */
@@ -122,24 +123,29 @@ struct diff_state {
     uint64_t done_end;         /* everything below was processed */
 };
 
-/* Write OLD's bytes [off, off+len) (unit-aligned) into the target, compressed cluster by
- * cluster when asked and the unit is the cluster. */
+/* Write OLD's bytes [off, off+len) (unit-aligned) into the target; with compress, every whole
+ * cluster in it (or the image's last, partial one) compressed. With extended L2 the units are
+ * subclusters: a cluster is compressed only when the range covers all of it, which means none
+ * of its subclusters was allocated in the target (R2: runs lie in target-unallocated extents);
+ * the pieces of clusters at the range's ends are written as they are. */
 static int write_data(struct diff_state *s, const uint8_t *buf, uint64_t len, uint64_t off)
 {
     struct ct_image *t = s->d->target;
     uint64_t cs = ct_image_cluster_size(t);
-    if (!s->d->compress || !cs || s->unit != cs) {
+    if (!s->d->compress || !cs) {
         return ct_image_pwrite(t, buf, len, off, 0);
     }
-    uint64_t size = ct_image_size(t);
-    for (uint64_t p = 0; p < len; p += cs) {
-        uint64_t n = CT_MIN(cs, len - p);
-        /* A unit is a whole cluster, or the image's last, partial one. */
-        int r = off + p + n == size || n == cs ? ct_image_pwrite_compressed(t, buf + p, n, off + p)
-                                               : ct_image_pwrite(t, buf + p, n, off + p, 0);
+    uint64_t size = ct_image_size(t), end = off + len;
+    for (uint64_t p = off; p < end;) {
+        uint64_t cend = CT_MIN(ct_align_down(p, cs) + cs, size);
+        uint64_t n = CT_MIN(cend, end) - p;
+        bool whole = p % cs == 0 && p + n == cend;
+        int r = whole ? ct_image_pwrite_compressed(t, buf + (p - off), n, p)
+                      : ct_image_pwrite(t, buf + (p - off), n, p, 0);
         if (r < 0) {
             return r;
         }
+        p += n;
     }
     return 0;
 }

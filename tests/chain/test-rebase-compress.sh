@@ -3,7 +3,8 @@
 # written compressed, the overlay's own clusters stay as they were; the result reads the same
 # as an uncompressed rebase (qemu-img compare), checks clean with qemu-img, and its map shows
 # the copied ranges as data without a host offset (compressed) while the overlay's own
-# clusters keep theirs. Also convert -B -c; refusals: -c with -u, -c on a raw image.
+# clusters keep theirs. With extended L2, whole clusters compressed, partly written ones as
+# subclusters. Also convert -B -c; refusals: -c with -u, -c on a raw image.
 . "$(dirname "$0")/../lib/common.sh"
 . "$(dirname "$0")/chainlib.sh"
 
@@ -61,6 +62,30 @@ qemu-io -c 'write -P 0x99 1M 64k' c.qcow2 >/dev/null
 qemu-io -c 'write -P 0x99 1M 64k' p.qcow2 >/dev/null
 same_images c.qcow2 p.qcow2
 all_clean c.qcow2
+
+# Extended L2 (subclusters of 2 KiB): clusters the overlay does not touch are copied whole and
+# compressed; in clusters where it wrote a few subclusters, those stay and the rest of the
+# cluster is copied as uncompressed subclusters (a compressed cluster has no subclusters).
+qemu-img create -q -f qcow2 xb.qcow2 8M
+qemu-io -c 'write -P 0x41 0 8M' xb.qcow2 >/dev/null
+for v in p c; do
+    qemu-img create -q -f qcow2 -o extended_l2=on -b xb.qcow2 -F qcow2 x$v.qcow2
+    qemu-io -c 'write -P 0x42 6k 4k' -c 'write -P 0x43 1M 2k' -c 'write -z 2M 64k' \
+        x$v.qcow2 >/dev/null
+done
+snapshot_raw xc.qcow2 xwant.raw
+ok "$CT_IMG" rebase -b "" xp.qcow2
+ok "$CT_IMG" rebase -c -b "" xc.qcow2
+same_images xc.qcow2 xp.qcow2
+same_content xc.qcow2 xwant.raw
+all_clean xc.qcow2
+n=$(comp xc.qcow2)
+# 128 clusters: 2 partly written, 1 zeroed by the overlay, the other 125 copied compressed.
+[ "$n" -eq 125 ] || die "extended L2: $n compressed clusters, want 125"
+qemu-io -c 'read -P 0x42 6k 4k' -c 'read -P 0x41 0 6k' -c 'read -P 0x41 10k 54k' \
+    -c 'read -P 0x43 1M 2k' -c 'read -P 0 2M 64k' xc.qcow2 >/dev/null ||
+    die "extended L2: content of the partly written clusters"
+echo "rebase -c with extended L2 ok ($n compressed clusters)"
 
 # convert -B -c: the overlay's data compressed too.
 ok "$CT_IMG" convert -c -O qcow2 -B Snap-3.qcow2 -F qcow2 Active.qcow2 ovl.qcow2
