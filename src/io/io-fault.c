@@ -85,8 +85,8 @@ int ct_fault_configure(const char *spec)
 
 void ct_fault_counts(uint64_t *writes, uint64_t *flushes)
 {
-    *writes = nwrites;
-    *flushes = nflushes;
+    *writes = __atomic_load_n(&nwrites, __ATOMIC_RELAXED);
+    *flushes = __atomic_load_n(&nflushes, __ATOMIC_RELAXED);
 }
 
 int ct_fault_check(enum ct_fault_op op)
@@ -94,8 +94,11 @@ int ct_fault_check(enum ct_fault_op op)
     if (__builtin_expect(!fault_enabled, 1)) {
         return 0;
     }
-    uint64_t n = op == CT_FAULT_WRITE ? ++nwrites : ++nflushes;
-    uint64_t any = ++nany;
+    /* Atomic: copy jobs write from worker threads (one writer at a time per target, so the
+     * K-th write of a given run is still the same write). */
+    uint64_t n =
+        __atomic_add_fetch(op == CT_FAULT_WRITE ? &nwrites : &nflushes, 1, __ATOMIC_RELAXED);
+    uint64_t any = __atomic_add_fetch(&nany, 1, __ATOMIC_RELAXED);
     for (unsigned i = 0; i < nrules; i++) {
         const struct fault_rule *r = &rules[i];
         bool hit = r->op < 0 ? any == r->k : (r->op == (int)op && n == r->k);

@@ -15,6 +15,9 @@
  *      returned zeros through the overlays, and the grown part reads zeros too.
  *  C3. Prepare flushes base before touching any link, then rewrites the overlays' links, then
  *      empties the top: each step leaves the view of every remaining chain equal to the top's.
+ *
+ * Reads of the layers and writes into base overlap: base is written by the write pipeline
+ * (pipe.h) while this thread reads the next run, in the same order as one request at a time.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -22,6 +25,7 @@
 
 #include "job/chain.h"
 #include "job/job-int.h"
+#include "job/pipe.h"
 #include "util/err.h"
 #include "util/misc.h"
 
@@ -36,43 +40,52 @@ struct commit_state {
     struct ct_image **overlays;
     unsigned nb_overlays;
     char *ov_backing, *ov_fmt;
-    uint8_t *buf;
-    /* pending data run, buffered */
+    struct job_pipe pipe; /* writes into base (pipe.h) */
+    uint8_t *cur;         /* pipeline buffer of the pending data run */
     uint64_t run_off, run_len;
 };
+
+/* ---- run in the pipeline's writer (pipe.h): base only ---- */
+
+static int write_data(void *ctx, const uint8_t *buf, uint64_t len, uint64_t off, struct ct_err *err)
+{
+    struct commit_state *s = ctx;
+    int r = ct_image_pwrite(s->base, buf, len, off, 0);
+    return r < 0 ? job_io_error(err, r, "writing to", s->base, off) : 0;
+}
+
+static int write_zero(void *ctx, uint64_t len, uint64_t off, struct ct_err *err)
+{
+    struct commit_state *s = ctx;
+    if (job_reads_zero(s->base, off, len)) {
+        return 0;
+    }
+    int r = ct_image_pwrite_zeroes(s->base, len, off, CT_WRITE_UNMAP);
+    return r < 0 ? job_io_error(err, r, "writing to", s->base, off) : 0;
+}
+
+static const struct job_pipe_ops commit_pipe_ops = {.data = write_data, .zero = write_zero};
+
+/* ---- the job's thread: allocation and reads of the committed layers ---- */
 
 static int flush_run(struct ct_job *job, struct commit_state *s)
 {
     if (s->run_len == 0) {
         return 0;
     }
-    int r = ct_image_pwrite(s->base, s->buf, s->run_len, s->run_off, 0);
     uint64_t n = s->run_len;
+    int r = job_pipe_put_data(&s->pipe, s->cur, n, s->run_off);
+    s->cur = NULL;
     s->run_len = 0;
-    if (r < 0) {
-        return r;
-    }
-    return job_ratelimit(job, n);
+    return r < 0 ? r : job_ratelimit(job, n);
 }
 
-static int commit_run(struct ct_job *job, struct ct_err *err)
+/* Returns 0, or < 0 with err set by this thread, or < 0 for a pipeline failure (whose
+ * message job_pipe_drain gives). */
+static int copy_layers(struct ct_job *job, struct commit_state *s, uint64_t size,
+                       struct ct_err *err)
 {
-    struct commit_state *s = job_opaque(job);
-    uint64_t size = ct_image_size(s->layers[0]);
     uint64_t bufsz = job_buf_bytes(job);
-    job_progress_set_total(job, size);
-    job_write_behind(job, s->base);
-    if (ct_image_size(s->base) < size) {
-        int r = ct_image_truncate(s->base, size, false, err);
-        if (r < 0) {
-            ct_err_prefix(err, "Could not grow the base image '%s': ", ct_image_filename(s->base));
-            return r;
-        }
-    }
-    s->buf = job_buf_alloc(bufsz);
-    if (!s->buf) {
-        return ct_err_set(err, -ENOMEM, "out of memory");
-    }
     uint64_t pos = 0;
     while (pos < size) {
         int r = job_pause_point(job);
@@ -90,24 +103,27 @@ static int commit_run(struct ct_job *job, struct ct_err *err)
         } else if (e.flags & CT_STATUS_ZERO) {
             len = CT_MIN(len, ZERO_STEP);
             r = flush_run(job, s);
-            if (r == 0 && !job_reads_zero(s->base, pos, len)) {
-                r = ct_image_pwrite_zeroes(s->base, len, pos, CT_WRITE_UNMAP);
+            if (r == 0) {
+                r = job_pipe_put_zero(&s->pipe, len, pos);
             }
             if (r < 0) {
-                return job_io_error(err, r, "writing to", s->base, pos);
+                return r;
             }
         } else {
             if (s->run_len && (s->run_off + s->run_len != pos || s->run_len == bufsz)) {
                 r = flush_run(job, s);
                 if (r < 0) {
-                    return job_io_error(err, r, "writing to", s->base, s->run_off);
+                    return r;
                 }
             }
             if (!s->run_len) {
                 s->run_off = pos;
+                if (!s->cur && !(s->cur = job_pipe_buf(&s->pipe))) {
+                    return -EIO; /* the pipeline failed */
+                }
             }
             len = CT_MIN(len, bufsz - s->run_len);
-            r = ct_image_pread(s->layers[e.layer], s->buf + s->run_len, len, pos);
+            r = ct_image_pread(s->layers[e.layer], s->cur + s->run_len, len, pos);
             if (r < 0) {
                 return job_io_error(err, r, "reading", s->layers[e.layer], pos);
             }
@@ -116,11 +132,42 @@ static int commit_run(struct ct_job *job, struct ct_err *err)
         pos += len;
         job_progress_update(job, len);
     }
-    int r = flush_run(job, s);
-    if (r == 0) {
-        r = ct_image_flush(s->base);
+    return flush_run(job, s);
+}
+
+static int commit_run(struct ct_job *job, struct ct_err *err)
+{
+    struct commit_state *s = job_opaque(job);
+    uint64_t size = ct_image_size(s->layers[0]);
+    job_progress_set_total(job, size);
+    job_write_behind(job, s->base);
+    if (ct_image_size(s->base) < size) {
+        int r = ct_image_truncate(s->base, size, false, err);
+        if (r < 0) {
+            ct_err_prefix(err, "Could not grow the base image '%s': ", ct_image_filename(s->base));
+            return r;
+        }
     }
-    return r < 0 ? job_io_error(err, r, "writing to", s->base, pos) : 0;
+    int r = job_pipe_init(&s->pipe, job, s->base, &commit_pipe_ops, s, job_buf_bytes(job), err);
+    if (r < 0) {
+        return r;
+    }
+    r = copy_layers(job, s, size, err);
+    /* Whatever happened, what was queued reaches base before anyone else touches it; a write
+     * failure is the one to report. */
+    struct ct_err werr = {0};
+    int wr = job_pipe_drain(&s->pipe, &werr);
+    job_pipe_fini(&s->pipe);
+    s->cur = NULL;
+    if (wr < 0) {
+        *err = werr;
+        return wr;
+    }
+    if (r < 0) {
+        return r;
+    }
+    r = ct_image_flush(s->base);
+    return r < 0 ? job_io_error(err, r, "writing to", s->base, size) : 0;
 }
 
 static int commit_prepare(struct ct_job *job, struct ct_err *err)
@@ -161,20 +208,12 @@ static void commit_abort(struct ct_job *job)
     (void)ct_image_flush(s->base);
 }
 
-static void commit_clean(struct ct_job *job)
-{
-    struct commit_state *s = job_opaque(job);
-    free(s->buf);
-    s->buf = NULL;
-}
-
 static void commit_free(struct ct_job *job)
 {
     struct commit_state *s = job_opaque(job);
     if (!s) {
         return;
     }
-    free(s->buf);
     free(s->layers);
     free(s->overlays);
     free(s->ov_backing);
@@ -187,7 +226,6 @@ static const struct job_driver commit_driver = {
     .run = commit_run,
     .prepare = commit_prepare,
     .abort = commit_abort,
-    .clean = commit_clean,
     .free = commit_free,
 };
 

@@ -47,6 +47,8 @@ void job_write_behind(struct ct_job *job, struct ct_image *img);
  * -ECANCELED when the job was cancelled (the run callback must then return promptly). */
 int job_pause_point(struct ct_job *job);
 bool job_is_cancelled(struct ct_job *job);
+/* Was the job given an I/O lock (ct_job_opts.io_lock: it shares its images with others)? */
+bool job_has_io_lock(const struct ct_job *job);
 /* Account bytes moved for the rate limit and sleep as needed (interrupted by cancel, pause
  * and speed changes). Returns 0 or -ECANCELED. */
 int job_ratelimit(struct ct_job *job, uint64_t bytes);

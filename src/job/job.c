@@ -625,6 +625,11 @@ int job_pause_point(struct ct_job *job)
     return r;
 }
 
+bool job_has_io_lock(const struct ct_job *job)
+{
+    return job->io_lock != NULL;
+}
+
 bool job_is_cancelled(struct ct_job *job)
 {
     pthread_mutex_lock(&job->lock);

@@ -5,12 +5,17 @@
  * Invariants:
  *  S1. Only clusters the image does not allocate itself are written, and only with the bytes
  *      its chain shows there now: the image's guest view never changes while the job runs, so
- *      a failure, cancel or kill leaves it (and its chain) valid and reading as before.
+ *      a failure, cancel or kill leaves it (and its chain) valid and reading as before. The
+ *      allocation is checked again right before each write (for_unallocated): in cowtreed,
+ *      a guest may have written the range while the job waited at a pause point.
  *  S2. Zeros provided above base (ZERO clusters, or the end of a shorter layer) are written
  *      as zeros that keep hiding base after the link changes (job_write_zeroes_hiding), unless
  *      base reads zero there too (or there is no base).
  *  S3. The link changes last, after a flush: before it the old chain is intact, after it the
  *      image holds everything above base.
+ *
+ * Offline, reads of the chain and writes into the image overlap through the write pipeline
+ * (pipe.h); it is drained whenever this thread asks the image itself for its allocation.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -18,6 +23,7 @@
 
 #include "job/chain.h"
 #include "job/job-int.h"
+#include "job/pipe.h"
 #include "util/err.h"
 #include "util/misc.h"
 
@@ -28,10 +34,72 @@ struct stream_state {
     struct ct_image **layers; /* img's backing chain, down to the layer above base */
     unsigned n;
     char *backing, *fmt;
-    uint8_t *buf, *zbuf;
+    uint8_t *zbuf; /* zeros, for the writer's zero writes */
+    uint64_t zbuf_len;
+    struct job_pipe pipe; /* writes into img (pipe.h) */
     uint64_t run_off, run_len;
 };
 
+/* ---- run in the pipeline's writer (pipe.h): img only ---- */
+
+/*
+ * Apply op to the parts of [off, off+len) that img still does not allocate (S1). Under an I/O
+ * lock, guests may have written there since the job looked (at a pause point): their data
+ * must stay. The check and the write happen without a pause point between them, so no guest
+ * write can slip in.
+ */
+static int for_unallocated(struct stream_state *s, uint64_t len, uint64_t off,
+                           int (*op)(struct stream_state *s, uint64_t rel, uint64_t n, uint64_t at,
+                                     const void *arg),
+                           const void *arg, struct ct_err *err)
+{
+    for (uint64_t p = off; p < off + len;) {
+        struct ct_extent e;
+        int r = ct_image_block_status(s->img, p, off + len - p, &e);
+        if (r == 0 && e.len == 0) {
+            r = -EIO;
+        }
+        if (r < 0) {
+            return job_io_error(err, r, "reading the allocation of", s->img, p);
+        }
+        if (!(e.flags & CT_STATUS_ALLOCATED)) {
+            r = op(s, p - off, e.len, p, arg);
+            if (r < 0) {
+                return job_io_error(err, r, "writing to", s->img, p);
+            }
+        }
+        p += e.len;
+    }
+    return 0;
+}
+
+static int put_data(struct stream_state *s, uint64_t rel, uint64_t n, uint64_t at, const void *b)
+{
+    return ct_image_pwrite(s->img, (const uint8_t *)b + rel, n, at, 0);
+}
+
+static int put_zero(struct stream_state *s, uint64_t rel, uint64_t n, uint64_t at, const void *b)
+{
+    (void)rel;
+    (void)b;
+    return job_write_zeroes_hiding(s->img, n, at, s->zbuf, s->zbuf_len);
+}
+
+static int write_data(void *ctx, const uint8_t *buf, uint64_t len, uint64_t off, struct ct_err *err)
+{
+    return for_unallocated(ctx, len, off, put_data, buf, err);
+}
+
+static int write_zero(void *ctx, uint64_t len, uint64_t off, struct ct_err *err)
+{
+    return for_unallocated(ctx, len, off, put_zero, NULL, err);
+}
+
+static const struct job_pipe_ops stream_pipe_ops = {.data = write_data, .zero = write_zero};
+
+/* ---- the job's thread: img's allocation (pipeline drained), the chain's, and reads ---- */
+
+/* Returns 0, < 0 with err set, or < 0 for a pipeline failure (job_pipe_drain says why). */
 static int flush_run(struct ct_job *job, struct stream_state *s, struct ct_err *err)
 {
     if (s->run_len == 0) {
@@ -39,19 +107,21 @@ static int flush_run(struct ct_job *job, struct stream_state *s, struct ct_err *
     }
     uint64_t off = s->run_off, len = s->run_len;
     s->run_len = 0;
+    uint8_t *buf = job_pipe_buf(&s->pipe);
+    if (!buf) {
+        return -EIO;
+    }
     /* Every byte of the run is provided above base: reading through the chain gives it. */
-    int r = job_read_view(s->layers[0], s->buf, len, off);
+    int r = job_read_view(s->layers[0], buf, len, off);
     if (r < 0) {
+        job_pipe_unbuf(&s->pipe, buf);
         return job_io_error(err, r, "reading", s->layers[0], off);
     }
-    r = ct_image_pwrite(s->img, s->buf, len, off, 0);
-    if (r < 0) {
-        return job_io_error(err, r, "writing to", s->img, off);
-    }
-    return job_ratelimit(job, len);
+    r = job_pipe_put_data(&s->pipe, buf, len, off);
+    return r < 0 ? r : job_ratelimit(job, len);
 }
 
-/* [pos, end) is not allocated in img: stream what the chain above base decides there. */
+/* [pos, end) was not allocated in img: stream what the chain above base decides there. */
 static int stream_range(struct ct_job *job, struct stream_state *s, uint64_t pos, uint64_t end,
                         struct ct_err *err)
 {
@@ -72,14 +142,11 @@ static int stream_range(struct ct_job *job, struct stream_state *s, uint64_t pos
         } else if (e.flags & CT_STATUS_ZERO) {
             len = CT_MIN(len, ZERO_STEP);
             r = flush_run(job, s, err);
+            if (r == 0 && s->base && !job_reads_zero(s->base, pos, len)) {
+                r = job_pipe_put_zero(&s->pipe, len, pos);
+            }
             if (r < 0) {
                 return r;
-            }
-            if (s->base && !job_reads_zero(s->base, pos, len)) {
-                r = job_write_zeroes_hiding(s->img, len, pos, s->zbuf, bufsz);
-                if (r < 0) {
-                    return job_io_error(err, r, "writing to", s->img, pos);
-                }
             }
         } else {
             if (s->run_len && (s->run_off + s->run_len != pos || s->run_len == bufsz)) {
@@ -100,26 +167,18 @@ static int stream_range(struct ct_job *job, struct stream_state *s, uint64_t pos
     return 0;
 }
 
-static int stream_run(struct ct_job *job, struct ct_err *err)
+static int stream_all(struct ct_job *job, struct stream_state *s, uint64_t size, struct ct_err *err)
 {
-    struct stream_state *s = job_opaque(job);
-    uint64_t size = ct_image_size(s->img);
-    uint64_t bufsz = job_buf_bytes(job);
-    job_progress_set_total(job, size);
-    job_write_behind(job, s->img);
-    if (s->n == 0) {
-        return 0;
-    }
-    s->buf = job_buf_alloc(bufsz);
-    s->zbuf = job_buf_alloc(bufsz);
-    if (!s->buf || !s->zbuf) {
-        return ct_err_set(err, -ENOMEM, "out of memory");
-    }
-    memset(s->zbuf, 0, bufsz);
     uint64_t pos = 0;
     while (pos < size) {
+        /* img is the writer's while the pipeline runs: take it back to ask. */
+        struct ct_err werr = {0};
+        int r = job_pipe_drain(&s->pipe, &werr);
+        if (r < 0) {
+            return r;
+        }
         struct ct_extent e;
-        int r = ct_image_block_status(s->img, pos, CT_MIN(size - pos, JOB_STATUS_STEP), &e);
+        r = ct_image_block_status(s->img, pos, CT_MIN(size - pos, JOB_STATUS_STEP), &e);
         if (r == 0 && e.len == 0) {
             r = -EIO;
         }
@@ -140,7 +199,39 @@ static int stream_run(struct ct_job *job, struct ct_err *err)
         }
         pos += e.len;
     }
-    int r = flush_run(job, s, err);
+    return flush_run(job, s, err);
+}
+
+static int stream_run(struct ct_job *job, struct ct_err *err)
+{
+    struct stream_state *s = job_opaque(job);
+    uint64_t size = ct_image_size(s->img);
+    uint64_t bufsz = job_buf_bytes(job);
+    job_progress_set_total(job, size);
+    job_write_behind(job, s->img);
+    if (s->n == 0) {
+        return 0;
+    }
+    s->zbuf = job_buf_alloc(bufsz);
+    if (!s->zbuf) {
+        return ct_err_set(err, -ENOMEM, "out of memory");
+    }
+    memset(s->zbuf, 0, bufsz);
+    s->zbuf_len = bufsz;
+    int r = job_pipe_init(&s->pipe, job, s->img, &stream_pipe_ops, s, bufsz, err);
+    if (r < 0) {
+        return r;
+    }
+    r = stream_all(job, s, size, err);
+    /* What was queued reaches img before anyone else touches it; a write failure is the one
+     * to report. */
+    struct ct_err werr = {0};
+    int wr = job_pipe_drain(&s->pipe, &werr);
+    job_pipe_fini(&s->pipe);
+    if (wr < 0) {
+        *err = werr;
+        return wr;
+    }
     if (r < 0) {
         return r;
     }
@@ -176,9 +267,8 @@ static void stream_abort(struct ct_job *job)
 static void stream_clean(struct ct_job *job)
 {
     struct stream_state *s = job_opaque(job);
-    free(s->buf);
     free(s->zbuf);
-    s->buf = s->zbuf = NULL;
+    s->zbuf = NULL;
 }
 
 static void stream_free(struct ct_job *job)
@@ -187,7 +277,6 @@ static void stream_free(struct ct_job *job)
     if (!s) {
         return;
     }
-    free(s->buf);
     free(s->zbuf);
     free(s->layers);
     free(s->backing);
