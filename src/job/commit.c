@@ -152,17 +152,9 @@ static int commit_run(struct ct_job *job, struct ct_err *err)
     if (r < 0) {
         return r;
     }
-    r = copy_layers(job, s, size, err);
-    /* Whatever happened, what was queued reaches base before anyone else touches it; a write
-     * failure is the one to report. */
-    struct ct_err werr = {0};
-    int wr = job_pipe_drain(&s->pipe, &werr);
-    job_pipe_fini(&s->pipe);
+    /* Whatever happened, what was queued reaches base before anyone else touches it. */
+    r = job_pipe_finish(&s->pipe, copy_layers(job, s, size, err), err);
     s->cur = NULL;
-    if (wr < 0) {
-        *err = werr;
-        return wr;
-    }
     if (r < 0) {
         return r;
     }

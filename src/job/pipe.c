@@ -193,6 +193,18 @@ int job_pipe_drain(struct job_pipe *p, struct ct_err *err)
     return r;
 }
 
+int job_pipe_finish(struct job_pipe *p, int r, struct ct_err *err)
+{
+    struct ct_err werr = {0};
+    int wr = job_pipe_drain(p, &werr);
+    job_pipe_fini(p);
+    if (wr < 0) {
+        *err = werr;
+        return wr;
+    }
+    return r;
+}
+
 void job_pipe_fini(struct job_pipe *p)
 {
     if (p->nbufs && p->bufs[p->nbufs - 1]) {

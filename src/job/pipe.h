@@ -85,5 +85,8 @@ int job_pipe_put_zero(struct job_pipe *p, uint64_t len, uint64_t off);
 int job_pipe_drain(struct job_pipe *p, struct ct_err *err);
 /* Drain (failures ignored), stop the writer and free the buffers. Safe after a failed init. */
 void job_pipe_fini(struct job_pipe *p);
+/* End of a job's copy that returned r (its message in err): drain and fini. A write failure is
+ * the one reported (its message replaces err's); else r. */
+int job_pipe_finish(struct job_pipe *p, int r, struct ct_err *err);
 
 #endif

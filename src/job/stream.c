@@ -222,16 +222,8 @@ static int stream_run(struct ct_job *job, struct ct_err *err)
     if (r < 0) {
         return r;
     }
-    r = stream_all(job, s, size, err);
-    /* What was queued reaches img before anyone else touches it; a write failure is the one
-     * to report. */
-    struct ct_err werr = {0};
-    int wr = job_pipe_drain(&s->pipe, &werr);
-    job_pipe_fini(&s->pipe);
-    if (wr < 0) {
-        *err = werr;
-        return wr;
-    }
+    /* Whatever happened, what was queued reaches img before anyone else touches it. */
+    r = job_pipe_finish(&s->pipe, stream_all(job, s, size, err), err);
     if (r < 0) {
         return r;
     }

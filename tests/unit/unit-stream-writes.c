@@ -141,14 +141,21 @@ static void g_unlock(void *opaque)
     g->writes++;
 }
 
-static void test_guest_writes(void)
+/* base (n random writes, recorded in a new model) <- top (empty). Returns the model. */
+static uint8_t *two_layers(const char *base, const char *top, unsigned n)
 {
     uint8_t *model = calloc(1, SIZE);
-    create("g-base.qcow2", NULL, 65536);
-    create("g-top.qcow2", "g-base.qcow2", 65536);
-    struct ct_image *b = open_rw("g-base.qcow2", 0);
-    scribble(b, model, 60);
+    create(base, NULL, 65536);
+    create(top, base, 65536);
+    struct ct_image *b = open_rw(base, 0);
+    scribble(b, model, n);
     ct_image_close(b, NULL);
+    return model;
+}
+
+static void test_guest_writes(void)
+{
+    uint8_t *model = two_layers("g-base.qcow2", "g-top.qcow2", 60);
     struct ct_image *top = open_rw("g-top.qcow2", 0);
     struct guest g = {.top = top, .model = model};
     struct ct_job_opts jo = {
@@ -221,12 +228,7 @@ static void test_offline(unsigned seed)
 
 static void test_write_failure(void)
 {
-    uint8_t *model = calloc(1, SIZE);
-    create("f-base.qcow2", NULL, 65536);
-    create("f-top.qcow2", "f-base.qcow2", 65536);
-    struct ct_image *b = open_rw("f-base.qcow2", 0);
-    scribble(b, model, 40);
-    ct_image_close(b, NULL);
+    uint8_t *model = two_layers("f-base.qcow2", "f-top.qcow2", 40);
     char pristine[300];
     snprintf(pristine, sizeof(pristine), "cp %s %s", path("f-top.qcow2"), path("f-top.orig"));
     T_ASSERT(system(pristine) == 0, "cp");
