@@ -37,6 +37,14 @@ static void note_failure(struct job_pipe *p, int r, const struct ct_err *err)
     }
 }
 
+/* With lock held: until nothing is queued or being written. */
+static void wait_idle_locked(struct job_pipe *p)
+{
+    while (p->qlen > 0 || p->busy) {
+        pthread_cond_wait(&p->cond, &p->lock);
+    }
+}
+
 static void *writer(void *opaque)
 {
     struct job_pipe *p = opaque;
@@ -129,9 +137,7 @@ static int put(struct job_pipe *p, const struct job_pipe_item *it)
     if (p->threaded && !whole) {
         /* Copy-on-write may read the chain the caller reads: run it here, writer idle. */
         pthread_mutex_lock(&p->lock);
-        while (p->qlen > 0 || p->busy) {
-            pthread_cond_wait(&p->cond, &p->lock);
-        }
+        wait_idle_locked(p);
         pthread_mutex_unlock(&p->lock);
     }
     if (!p->threaded || !whole) {
@@ -182,9 +188,7 @@ int job_pipe_put_zero(struct job_pipe *p, uint64_t len, uint64_t off)
 int job_pipe_drain(struct job_pipe *p, struct ct_err *err)
 {
     pthread_mutex_lock(&p->lock);
-    while (p->qlen > 0 || p->busy) {
-        pthread_cond_wait(&p->cond, &p->lock);
-    }
+    wait_idle_locked(p);
     int r = p->r;
     if (r < 0 && err) {
         *err = p->err;
