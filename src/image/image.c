@@ -464,6 +464,9 @@ int image_poison(struct ct_image *img, int err)
 {
     if (img->poison == 0) {
         img->poison = err;
+        if (img->depth > 0) {
+            image_chain_changed(); /* indexes stop reading its data directly (X4) */
+        }
     }
     return err;
 }
@@ -479,7 +482,9 @@ int image_read_below(struct ct_image *img, void *buf, uint64_t len, uint64_t off
             return r;
         }
     }
-    memset((uint8_t *)buf + n, 0, len - n);
+    if (n < len) {
+        memset((uint8_t *)buf + n, 0, len - n);
+    }
     return 0;
 }
 
@@ -917,6 +922,7 @@ int ct_image_compact(struct ct_image *img, struct ct_compact_result *res, struct
     res->file_size_before = s > 0 ? (uint64_t)s : 0;
     res->allocated_before = a > 0 ? (uint64_t)a : 0;
     uint64_t end = 0;
+    image_mutating(img); /* data moves: host offsets in chain indexes go stale (X4) */
     int r = qcow2_compact(q, &res->clusters_moved, &end);
     if (r < 0) {
         return ct_err_set(err, r, "compaction failed: %s", ct_strerror(r));
@@ -931,5 +937,9 @@ int ct_image_compact(struct ct_image *img, struct ct_compact_result *res, struct
 int ct_image_amend(struct ct_image *img, int compat, int lazy_refcounts, struct ct_err *err)
 {
     struct qcow2_state *q = snapshot_state(img, true, err);
-    return q ? qcow2_amend(q, compat, lazy_refcounts, err) : err ? err->code : -EINVAL;
+    if (!q) {
+        return err ? err->code : -EINVAL;
+    }
+    image_mutating(img); /* a downgrade rewrites zero clusters */
+    return qcow2_amend(q, compat, lazy_refcounts, err);
 }

@@ -38,6 +38,9 @@ struct ct_driver {
     int (*info)(struct ct_image *img, struct ct_image_info *info);
     int (*check)(struct ct_image *img, unsigned fix, struct ct_check_result *res,
                  ct_check_report_fn report, void *opaque, struct ct_err *err);
+    /* The host_off of a DATA extent that is not COMPRESSED names bytes of img->file that
+     * read, as they are, as the guest's: the chain index may read them there directly. */
+    bool direct_data;
 };
 
 struct ct_image {

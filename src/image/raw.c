@@ -97,5 +97,6 @@ const struct ct_driver ct_raw_driver = {
     .discard = raw_discard,
     .flush = raw_flush,
     .block_status = raw_block_status,
+    .direct_data = true,
     .truncate = raw_truncate,
 };

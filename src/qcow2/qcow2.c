@@ -1030,6 +1030,7 @@ const struct ct_driver ct_qcow2_driver = {
     .discard = qcow2_discard,
     .flush = qcow2_flush,
     .block_status = qcow2_block_status,
+    .direct_data = true,
     .truncate = qcow2_truncate,
     .info = qcow2_info,
     .check = qcow2_check,
