@@ -193,7 +193,8 @@ struct ct_copy_opts {
     unsigned nb_workers;
     int (*open_src)(void *opaque, unsigned src_index, struct ct_image **out, struct ct_err *err);
     void *open_opaque;
-    unsigned max_readers; /* qcow2 target: reader threads at most; 0 = the CPUs less one */
+    unsigned max_readers; /* worker threads at most; 0: the CPUs less one for a qcow2 target
+                           * (its writer is the job's thread), the CPUs for a raw one */
     bool out_of_order;    /* qcow2 target: write chunks as they complete (convert -W) */
     bool copy_offload;    /* raw to raw: copy_file_range, no zero detection in data (convert -C) */
 };

@@ -42,9 +42,36 @@ struct copy_state {
     void *open_opaque;
     unsigned max_readers;
     bool out_of_order, copy_offload;
+    /* Parallel copy to a raw target: held around every write of the target, which worker
+     * threads make themselves (see "Parallel copy"); NULL otherwise. */
+    pthread_mutex_t *dst_lock;
 };
 
+static void dst_lock(struct copy_state *s)
+{
+    if (s->dst_lock) {
+        pthread_mutex_lock(s->dst_lock);
+    }
+}
+
+static void dst_unlock(struct copy_state *s)
+{
+    if (s->dst_lock) {
+        pthread_mutex_unlock(s->dst_lock);
+    }
+}
+
+static int write_zeroes_locked(struct copy_state *s, uint64_t len, uint64_t off);
+
 static int write_zeroes(struct copy_state *s, uint64_t len, uint64_t off)
+{
+    dst_lock(s);
+    int r = write_zeroes_locked(s, len, off);
+    dst_unlock(s);
+    return r;
+}
+
+static int write_zeroes_locked(struct copy_state *s, uint64_t len, uint64_t off)
 {
     if (s->dst_is_zero) {
         return 0;
@@ -108,7 +135,9 @@ static int write_sparse(struct copy_state *s, const uint8_t *buf, uint64_t len, 
             zs = ze = len;
         }
         if (zs > ds) {
+            dst_lock(s);
             int r = ct_image_pwrite(s->dst, buf + ds, zs - ds, off + ds, 0);
+            dst_unlock(s);
             if (r < 0) {
                 return job_io_error(err, r, "writing to", s->dst, off + ds);
             }
@@ -242,10 +271,13 @@ static int copy_one(struct ct_job *job, struct copy_state *s, struct ct_image *s
  * compete with the writer for CPU), so a deep chain is not opened eight more times for
  * nothing; a raw target, written by the workers, grows to nb_workers. What happens to a read item
  * depends on the target:
- *  - raw target: the worker writes the item itself through the one target handle. The raw
- *    driver's pwrite is a plain pwrite(2) on the file (no shared state), so N writes are in
- *    flight at once, overlapping the kernel's dirty-page throttling. A raw file has no
- *    allocation order, so raw writes go out as they complete (with or without -W).
+ *  - raw target: the worker writes the item itself through the one target handle, one worker
+ *    at a time (dst_lock), while the others read. Filesystems take a file's lock exclusively
+ *    for every buffered write, so writes made together only wait for each other in the
+ *    kernel, spinning while the holder copies: measured on a 2 GiB convert -O raw -t unsafe
+ *    with 8 writers, 13-30% of the CPU time went to rwsem_spin_on_owner and the copy took
+ *    7 s of CPU against qemu-img's 2.3 s. A raw file has no allocation order, so raw writes go
+ *    out as they complete (with or without -W).
  *  - qcow2 target: the job's thread is the single writer and owns the target handle. Items
  *    wait, read, in a bounded set of slots (readers + 2 buffers) and are written in
  *    ascending guest order, so host clusters are allocated in guest order as in a sequential
@@ -304,7 +336,9 @@ static int par_process(struct copy_par *p, struct copy_slot *sl, struct copy_wor
         return r < 0 ? job_io_error(&sl->err, r, "writing to", s->dst, sl->dst_off) : 0;
     }
     if (s->copy_offload && p->raw_dst) {
+        dst_lock(s);
         int r = ct_image_copy_range(src, sl->src_off, s->dst, sl->dst_off, sl->len);
+        dst_unlock(s);
         if (r == 0) {
             sl->written = sl->len;
             return 0;
@@ -461,13 +495,14 @@ static int copy_parallel(struct ct_job *job, struct copy_state *s, struct ct_err
      * written by the job's thread; more would only hold memory. Readers for a qcow2 target
      * compete with its writer for CPU (reads from the page cache, decompression), so there
      * are at most as many as there are other CPUs: on 2 CPUs one reader overlaps the writer,
-     * and a deep chain is opened once more, not nb_workers times. */
+     * and a deep chain is opened once more, not nb_workers times. Workers for a raw target
+     * write one at a time (dst_lock), so there are at most as many as CPUs: one writes while
+     * the others read. */
     unsigned max_workers = s->nb_workers;
-    if (!p.raw_dst) {
-        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-        unsigned cap = s->max_readers ? s->max_readers : ncpu > 2 ? (unsigned)ncpu - 1 : 1u;
-        max_workers = CT_MIN(max_workers, cap);
-    }
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned cap =
+        p.raw_dst ? (ncpu > 2 ? (unsigned)ncpu : 2u) : (ncpu > 2 ? (unsigned)ncpu - 1 : 1u);
+    max_workers = CT_MIN(max_workers, s->max_readers ? s->max_readers : cap);
     p.nslots = max_workers + 2;
     p.slots = calloc(p.nslots, sizeof(*p.slots));
     struct copy_worker *wk = calloc(s->nb_workers, sizeof(*wk));
@@ -481,6 +516,8 @@ static int copy_parallel(struct ct_job *job, struct copy_state *s, struct ct_err
     pthread_mutex_init(&p.lock, NULL);
     pthread_cond_init(&p.work, NULL);
     pthread_cond_init(&p.done, NULL);
+    pthread_mutex_t dst_mu = PTHREAD_MUTEX_INITIALIZER;
+    s->dst_lock = p.raw_dst ? &dst_mu : NULL;
     unsigned started = 0;
     int ret = 0;
     unsigned src = 0;
@@ -598,6 +635,7 @@ static int copy_parallel(struct ct_job *job, struct copy_state *s, struct ct_err
     pthread_cond_destroy(&p.done);
     pthread_cond_destroy(&p.work);
     pthread_mutex_destroy(&p.lock);
+    s->dst_lock = NULL;
     free(p.slots);
     free(wk);
     return ret;
