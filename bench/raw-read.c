@@ -48,8 +48,8 @@ static struct where *load_map(const char *path, const int *fds, int nfiles, uint
         } else {
             int layer = atoi(a);
             if (layer < 0 || layer >= nfiles) {
-                fprintf(stderr, "raw-read: %s: layer %d of cluster %zu is not given\n", path,
-                        layer, n);
+                fprintf(stderr, "raw-read: %s: layer %d of cluster %zu is not given\n", path, layer,
+                        n);
                 free(m);
                 fclose(f);
                 return NULL;
