@@ -61,16 +61,6 @@ static void dst_unlock(struct copy_state *s)
     }
 }
 
-static int write_zeroes_locked(struct copy_state *s, uint64_t len, uint64_t off);
-
-static int write_zeroes(struct copy_state *s, uint64_t len, uint64_t off)
-{
-    dst_lock(s);
-    int r = write_zeroes_locked(s, len, off);
-    dst_unlock(s);
-    return r;
-}
-
 static int write_zeroes_locked(struct copy_state *s, uint64_t len, uint64_t off)
 {
     if (s->dst_is_zero) {
@@ -91,6 +81,14 @@ static int write_zeroes_locked(struct copy_state *s, uint64_t len, uint64_t off)
         return 0;
     }
     return job_write_zeroes_hiding(s->dst, len, off, s->zbuf, 1u << 20);
+}
+
+static int write_zeroes(struct copy_state *s, uint64_t len, uint64_t off)
+{
+    dst_lock(s);
+    int r = write_zeroes_locked(s, len, off);
+    dst_unlock(s);
+    return r;
 }
 
 /* Write buf (len bytes for dst offset off), leaving zero runs of min_sparse bytes or more
@@ -269,8 +267,8 @@ static int copy_one(struct ct_job *job, struct copy_state *s, struct ct_image *s
  * queued, no worker is idle and none is still starting: when reading is what holds the copy
  * back. Readers for a qcow2 target are also capped at the number of CPUs less one (they
  * compete with the writer for CPU), so a deep chain is not opened eight more times for
- * nothing; a raw target, written by the workers, grows to nb_workers. What happens to a read item
- * depends on the target:
+ * nothing; workers for a raw target write it themselves, one at a time, and are capped at the
+ * number of CPUs. What happens to a read item depends on the target:
  *  - raw target: the worker writes the item itself through the one target handle, one worker
  *    at a time (dst_lock), while the others read. Filesystems take a file's lock exclusively
  *    for every buffered write, so writes made together only wait for each other in the
